@@ -1,0 +1,14 @@
+"""mixpro-dali: MixPro (MaskMix + Progressive Attention Labeling) as a DALI plugin.
+
+Image side: `MixConfig` + `mix` (a DALI python-function operator, CPU and GPU).
+Label side: `ClsAttention` + `mix_targets` + `soft_target_cross_entropy`.
+"""
+from .config import MODES, PRESETS, MixConfig
+from .masks import MixParams, apply_mix, area_lambda, sample_mix
+from .operator import MaskMixOperator, MixOutputs, mix
+
+__all__ = [
+    "MODES", "PRESETS", "MixConfig", "MixParams", "apply_mix", "area_lambda", "sample_mix",
+    "MaskMixOperator", "MixOutputs", "mix",
+]
+__version__ = "0.1.0"

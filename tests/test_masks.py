@@ -1,0 +1,176 @@
+"""Properties of the MaskMix/CutMix/Mixup kernels (plain torch, no DALI)."""
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mixpro_dali import MODES, MixConfig, apply_mix, area_lambda, sample_mix
+from mixpro_dali.masks import cells_to_tokens
+
+SIZES = [  # (image_size, patch, cell): dividing and non-dividing cells, non-square images
+    ((224, 224), 16, 64), ((224, 224), 16, 32), ((224, 224), 14, 56), ((32, 48), 4, 12),
+    ((64, 48), 8, 24), ((224, 224), 16, 112), ((96, 160), 16, 48),
+]
+
+
+def slow_token_mask(cells: np.ndarray, cell: int, patch: int, hw: tuple[int, int]) -> np.ndarray:
+    """Obvious reference: token (r, c) belongs to cell (r*patch // cell, c*patch // cell)."""
+    b = cells.shape[0]
+    h, w = hw[0] // patch, hw[1] // patch
+    out = np.zeros((b, h, w), np.uint8)
+    for i in range(b):
+        for r in range(h):
+            for c in range(w):
+                out[i, r, c] = cells[i, r * patch // cell, c * patch // cell]
+    return out
+
+
+@pytest.mark.parametrize("size,patch,cell", SIZES)
+def test_cells_to_tokens_matches_reference(size, patch, cell):
+    cfg = MixConfig(image_size=size, patch_size=patch, mask_patch=cell)
+    gh, gw = cfg.cell_grid
+    cells = torch.randint(0, 2, (5, gh, gw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fast = cells_to_tokens(cells, cell // patch, cfg.token_grid)
+    assert fast.shape == (5, *cfg.token_grid)
+    np.testing.assert_array_equal(fast.numpy(), slow_token_mask(cells.numpy(), cell, patch, size))
+
+
+@pytest.mark.parametrize("size,patch,cell", SIZES)
+@pytest.mark.parametrize("rounding", ["floor", "ceil"])
+def test_maskmix_counts_and_exact_lambda(size, patch, cell, rounding):
+    cfg = MixConfig.preset("maskmix", image_size=size, patch_size=patch, mask_patch=cell,
+                           rounding=rounding, per_sample_ratio=True, seed=1)
+    gh, gw = cfg.cell_grid
+    for k in range(20):
+        p = sample_mix(cfg, 8, k)
+        assert p.mode == MODES["maskmix"]
+        assert p.token_mask.dtype == torch.uint8 and p.token_mask.shape == (8, *cfg.token_grid)
+        # lam is the exact token share, never n / S
+        torch.testing.assert_close(p.lam, p.token_mask.float().mean((1, 2)))
+        # every token mask is a union of whole cells: recover the cell mask from top-left tokens
+        cells = p.token_mask[:, :: cell // patch, :: cell // patch]
+        assert cells.shape == (8, gh, gw)
+        torch.testing.assert_close(cells_to_tokens(cells, cell // patch, cfg.token_grid), p.token_mask)
+        assert ((p.lam >= 0) & (p.lam <= 1)).all()
+
+
+@pytest.mark.parametrize("rounding", ["floor", "ceil"])
+@pytest.mark.parametrize("beta", [1.0, 0.5, 2.0])
+def test_cell_count_distribution_follows_beta(rounding, beta):
+    """n = floor/ceil(S * tau), tau ~ Beta(beta, beta): chi-square over 4000 batches."""
+    cfg = MixConfig.preset("maskmix", image_size=64, patch_size=16, mask_patch=16,
+                           rounding=rounding, beta=beta, seed=7)  # S = 16 cells
+    s = 16
+    counts = np.array([int(sample_mix(cfg, 2, k).token_mask[0].sum()) for k in range(4000)])
+    edges = np.arange(s + 1) / s
+    cdf = stats.beta.cdf(edges, beta, beta)
+    probs = np.diff(cdf)  # P(floor(S tau) = k), k = 0..S-1
+    ks = np.arange(s) if rounding == "floor" else np.arange(1, s + 1)
+    observed = np.array([(counts == k).sum() for k in ks])
+    assert observed.sum() == len(counts)  # nothing outside the support
+    _, pval = stats.chisquare(observed, probs * len(counts))
+    assert pval > 1e-4
+
+
+def test_one_tau_per_batch_but_own_layout_per_sample():
+    cfg = MixConfig.preset("maskmix", image_size=64, patch_size=16, mask_patch=16, seed=0)
+    for k in range(30):
+        p = sample_mix(cfg, 16, k)
+        n = p.token_mask.flatten(1).sum(1)
+        assert (n == n[0]).all()  # same count (divisible grid -> same lam)
+        if 2 <= n[0] <= 14:
+            layouts = {tuple(m.flatten().tolist()) for m in p.token_mask}
+            assert len(layouts) >= 12  # C(16, n) >= 120 choices: collisions are rare
+
+
+def test_per_sample_ratio_varies_counts():
+    cfg = MixConfig.preset("maskmix", image_size=64, patch_size=16, mask_patch=16, per_sample_ratio=True)
+    n = sample_mix(cfg, 64, 0).token_mask.flatten(1).sum(1)
+    assert len(set(n.tolist())) > 5
+
+
+def test_cell_choice_is_uniform_over_positions():
+    cfg = MixConfig.preset("maskmix", image_size=64, patch_size=16, mask_patch=16, seed=2)
+    total = sum(sample_mix(cfg, 8, k).token_mask.sum(0).flatten().double() for k in range(600))
+    _, pval = stats.chisquare(total.numpy())
+    assert pval > 1e-4
+
+
+def test_modes_follow_probs():
+    cfg = MixConfig(image_size=32, patch_size=16, mask_patch=16,
+                    probs={"maskmix": 0.4, "mixup": 0.3, "cutmix": 0.1}, seed=5)
+    modes = np.array([sample_mix(cfg, 2, k).mode for k in range(5000)])
+    observed = np.bincount(modes, minlength=4)
+    expected = np.array([0.2, 0.3, 0.1, 0.4]) * len(modes)  # none, mixup, cutmix, maskmix
+    _, pval = stats.chisquare(observed, expected)
+    assert pval > 1e-4
+
+
+def test_draw_is_pure_function_of_seed_shard_batch():
+    cfg = MixConfig.preset("mixpro-official", image_size=64, patch_size=16, mask_patch=16, seed=11)
+    a, b = sample_mix(cfg, 8, 5, shard_id=1), sample_mix(cfg, 8, 5, shard_id=1)
+    assert a.mode == b.mode and torch.equal(a.token_mask, b.token_mask) and torch.equal(a.partner, b.partner)
+    others = [sample_mix(cfg, 8, 5, shard_id=2), sample_mix(cfg, 8, 6, shard_id=1),
+              sample_mix(MixConfig.from_dict({**cfg.to_dict(), "seed": 12}), 8, 5, shard_id=1)]
+    for o in others:
+        assert not (o.mode == a.mode and torch.equal(o.token_mask, a.token_mask) and torch.equal(o.partner, a.partner))
+
+
+def test_partner_flip_and_perm():
+    flip = sample_mix(MixConfig(image_size=32, patch_size=16, mask_patch=16, partner="flip"), 7, 0)
+    assert flip.partner.tolist() == [6, 5, 4, 3, 2, 1, 0]
+    perm = MixConfig(image_size=32, patch_size=16, mask_patch=16, partner="perm")
+    parts = [sample_mix(perm, 7, k).partner for k in range(5)]
+    assert all(sorted(p.tolist()) == list(range(7)) for p in parts)
+    assert len({tuple(p.tolist()) for p in parts}) > 1
+
+
+def test_cutmix_box_is_token_aligned_and_lambda_exact():
+    cfg = MixConfig.preset("deit", image_size=(64, 96), patch_size=16, mask_patch=16,
+                           probs={"cutmix": 1.0}, seed=3)
+    for k in range(50):
+        p = sample_mix(cfg, 4, k)
+        assert p.mode == MODES["cutmix"]
+        hole = p.token_mask[0] == 0
+        if hole.any():
+            rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+            box = hole[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert box.all()  # one rectangle of whole tokens
+        assert (p.token_mask == p.token_mask[0]).all()  # one box per batch, as timm
+        torch.testing.assert_close(p.lam, area_lambda(p.token_mask))
+
+
+@pytest.mark.parametrize("layout", ["HWC", "CHW"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16])
+def test_apply_mix_takes_each_token_from_one_image(layout, dtype):
+    cfg = MixConfig.preset("mixpro-official", image_size=(48, 80), patch_size=8, mask_patch=24,
+                           probs={"maskmix": 1.0}, seed=4)
+    b, (hh, ww) = 6, cfg.image_size
+    ids = torch.arange(1, b + 1, dtype=torch.float32) * 20           # image i is constant ids[i]
+    x = ids.view(b, 1, 1, 1).expand(b, hh, ww, 3) if layout == "HWC" else ids.view(b, 1, 1, 1).expand(b, 3, hh, ww)
+    x = x.to(dtype).contiguous()
+    before = x.clone()
+    p = sample_mix(cfg, b, 0)
+    out = apply_mix(x, p, patch_size=8, layout=layout)
+    assert out.dtype == dtype and out.shape == x.shape and torch.equal(x, before)
+    img = out.float() if layout == "CHW" else out.float().permute(0, 3, 1, 2)
+    tokens = img[:, 0].unfold(1, 8, 8).unfold(2, 8, 8)              # (B, h, w, 8, 8)
+    assert (tokens == tokens[..., :1, :1]).all()                     # tokens are never split
+    own = ids.view(b, 1, 1)
+    partner = ids[p.partner].view(b, 1, 1)
+    value = tokens[..., 0, 0]
+    torch.testing.assert_close(value, torch.where(p.token_mask.bool(), own, partner))
+
+
+def test_mixup_blend_and_none_copy():
+    cfg = MixConfig(image_size=32, patch_size=16, mask_patch=16, probs={"mixup": 1.0}, seed=9)
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    p = sample_mix(cfg, 4, 0)
+    assert p.mode == MODES["mixup"] and (p.token_mask == 1).all()
+    torch.testing.assert_close(p.lam, torch.full((4,), p.blend))
+    want = (x.float() * p.blend + x.flip(0).float() * (1 - p.blend)).round().to(torch.uint8)
+    assert torch.equal(apply_mix(x, p, patch_size=16), want)
+    xf = x.float()
+    torch.testing.assert_close(apply_mix(xf, p, patch_size=16), xf * p.blend + xf.flip(0) * (1 - p.blend))
+    none = sample_mix(MixConfig.preset("none", image_size=32, patch_size=16, mask_patch=16), 4, 0)
+    assert none.mode == 0 and (none.lam == 1).all() and torch.equal(apply_mix(x, none, patch_size=16), x)
