@@ -110,6 +110,7 @@ def mix(images: Any, labels: Any, config: MixConfig, *, layout: str = "HWC", sha
     mode (int32: 0 none, 1 mixup, 2 cutmix, 3 maskmix), operator.
     """
     from nvidia.dali import fn
+    from nvidia.dali.data_node import DataNode
 
     if not isinstance(config, MixConfig):
         raise TypeError(f"config must be a MixConfig, got {type(config).__name__}")
@@ -117,9 +118,11 @@ def mix(images: Any, labels: Any, config: MixConfig, *, layout: str = "HWC", sha
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if isinstance(shard_id, bool) or not isinstance(shard_id, int) or shard_id < 0:
         raise ValueError(f"shard_id must be a non-negative int, got {shard_id!r}")
-    device = getattr(images, "device", None)
-    if device not in ("cpu", "gpu"):
-        raise TypeError(f"images must be a DALI DataNode on 'cpu' or 'gpu', got {images!r}")
+    for arg, node in (("images", images), ("labels", labels)):
+        if not isinstance(node, DataNode):
+            raise TypeError(f"{arg} must be a DALI DataNode (call mix inside a pipeline "
+                            f"definition), got {type(node).__name__}")
+    device = images.device
     if device == "gpu" and labels.device == "cpu":
         labels = labels.gpu()
     op = MaskMixOperator(config, layout=layout, shard_id=shard_id, device=device)
