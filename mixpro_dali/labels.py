@@ -1,0 +1,182 @@
+"""Mixed-sample targets: area/blend labels, TransMix, and Progressive Attention Labeling (PAL).
+
+method.md section 3, per sample (never a batch mean; openmixup's batch mean is a bug):
+  lam_attn = sum(A * m)                                 m: token mask, 1 = token from sample a
+  TransMix (CutMix samples):  lam = (lam_area + lam_attn) / 2
+  PAL (MaskMix samples, MixPro Eq. 9-10):
+      y_area = lam_area * y_a + (1 - lam_area) * y_b    (label-smoothed one-hots)
+      alpha  = cos(softmax(z), y_area)                  in [0, 1]
+      lam    = alpha * lam_attn + (1 - alpha) * lam_area
+  target = lam * y_a + (1 - lam) * y_b
+
+Worked example: a 2x2 token grid, mask [[1, 0], [0, 0]] (lam_area 0.25) and A = [0.7, 0.1,
+0.1, 0.1] give lam_attn 0.7; TransMix lam = 0.475; PAL with alpha 0.5 gives lam = 0.475 too.
+
+Label smoothing follows timm: off value s/C, on value 1 - s + s/C.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import MODES
+
+__all__ = [
+    "TARGET_METHODS", "TARGET_PRESETS", "MixTargets", "smooth_one_hot", "attn_lambda", "pal_alpha",
+    "mix_targets", "soft_target_cross_entropy",
+]
+
+TARGET_METHODS = ("mixpro", "transmix", "area")
+TARGET_PRESETS = ("paper", "official")
+
+
+@dataclass(frozen=True)
+class MixTargets:
+    """What `mix_targets` decided, per sample.
+
+    target: (B, C) float32, rows sum to 1; carries a gradient only for PAL rows under the
+        'official' preset (through alpha).
+    lam: (B,) float32 final weight of labels_a, in [0, 1] (detached, for logging).
+    alpha: (B,) float32 PAL trust weight, NaN where PAL was not applied (detached).
+    """
+
+    target: torch.Tensor
+    lam: torch.Tensor
+    alpha: torch.Tensor
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """(B,) int -> (B, C) float32 with timm's smoothing: off s/C, on 1 - s + s/C."""
+    off = smoothing / num_classes
+    out = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32,
+                     device=labels.device)
+    return out.scatter_(1, labels.long().unsqueeze(1), 1.0 - smoothing + off)
+
+
+def attn_lambda(attn: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """lam_attn = sum over tokens of A * m: (B, h*w) x (B, h, w) or (B, h*w) -> (B,) float32."""
+    m = token_mask.reshape(token_mask.shape[0], -1).to(torch.float32)  # (B, h*w)
+    return (attn.float() * m).sum(dim=1).clamp(0.0, 1.0)
+
+
+def pal_alpha(logits: torch.Tensor, y_area: torch.Tensor) -> torch.Tensor:
+    """alpha = cos(softmax(logits), y_area) per sample, (B,) float32 in [0, 1] (MixPro Eq. 9)."""
+    p = logits.float().softmax(dim=-1)  # (B, C)
+    return F.cosine_similarity(p, y_area, dim=-1).clamp(0.0, 1.0)
+
+
+def _mix(lam: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
+    lam = lam.unsqueeze(1)  # (B, 1)
+    return lam * y_a + (1.0 - lam) * y_b
+
+
+def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+
+
+def _check_inputs(logits, labels_a, labels_b, lam, mode, token_mask, attn, num_classes,
+                  smoothing, method) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits must be (B, num_classes={num_classes}), "
+                         f"got {tuple(logits.shape)}")
+    B = logits.shape[0]
+    for name, t in (("labels_a", labels_a), ("labels_b", labels_b), ("lam", lam), ("mode", mode)):
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must have shape (B,) = ({B},) like logits, "
+                             f"got {tuple(t.shape)}")
+    for name, t in (("labels_a", labels_a), ("labels_b", labels_b), ("mode", mode)):
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if method == "area":
+        return
+    if attn is None or token_mask is None:
+        missing = "attn" if attn is None else "token_mask"
+        raise ValueError(f"{missing} is required for method={method!r}; pass "
+                         "ClsAttention(model).maps and the loader's token_mask, "
+                         "or use method='area'")
+    if token_mask.ndim not in (2, 3) or token_mask.shape[0] != B:
+        raise ValueError(f"token_mask must be (B, h, w) or (B, h*w) with B={B}, "
+                         f"got {tuple(token_mask.shape)}")
+    n_tokens = token_mask[0].numel()
+    if tuple(attn.shape) != (B, n_tokens):
+        raise ValueError(f"attn must be (B, h*w) = ({B}, {n_tokens}) to match token_mask "
+                         f"{tuple(token_mask.shape)}, got {tuple(attn.shape)}")
+
+
+def mix_targets(
+    logits: torch.Tensor,
+    labels_a: torch.Tensor,
+    labels_b: torch.Tensor,
+    lam: torch.Tensor,
+    mode: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    attn: torch.Tensor | None,
+    *,
+    num_classes: int,
+    smoothing: float = 0.1,
+    method: str = "mixpro",
+    preset: str = "paper",
+) -> MixTargets:
+    """Soft targets for a mixed batch, per sample (method.md section 3).
+
+    logits: (B, C) model output of the mixed batch (only read by PAL).
+    labels_a, labels_b: (B,) int; lam: (B,) exact area share / blend weight of labels_a (1 for
+    unmixed); mode: (B,) int, MODES codes; token_mask: (B, h, w) or (B, h*w), 1 = from a;
+    attn: (B, h*w) `ClsAttention.maps` (None allowed with method='area').
+
+    method: 'mixpro' (PAL on MaskMix samples), 'transmix' (on CutMix samples), 'area' (area /
+        blend labels everywhere). Other samples always get area / blend labels.
+    preset: 'paper' (alpha detached, smoothing in the final target) or 'official' (parity with
+        fistyee/MixPro: alpha keeps its gradient and PAL rows use hard labels, so that
+        soft-target CE on them is lam*CE(z, y_a) + (1-lam)*CE(z, y_b) with the gradient
+        flowing through lam; non-PAL rows keep smoothing). Only PAL rows depend on the preset.
+    """
+    _check_choice("method", method, TARGET_METHODS)
+    _check_choice("preset", preset, TARGET_PRESETS)
+    _check_inputs(logits, labels_a, labels_b, lam, mode, token_mask, attn, num_classes,
+                  smoothing, method)
+    y_a = smooth_one_hot(labels_a, num_classes, smoothing)  # (B, C)
+    y_b = smooth_one_hot(labels_b, num_classes, smoothing)  # (B, C)
+    lam_area = lam.to(device=logits.device, dtype=torch.float32)  # (B,)
+    alpha = torch.full_like(lam_area, float("nan"))
+    if method == "area":
+        return MixTargets(_mix(lam_area, y_a, y_b), lam_area, alpha)
+
+    lam_attn = attn_lambda(attn, token_mask)  # (B,)
+    if method == "transmix":
+        lam_mix = torch.where(mode == MODES["cutmix"], (lam_area + lam_attn) / 2, lam_area)
+        return MixTargets(_mix(lam_mix, y_a, y_b), lam_mix, alpha)
+
+    official = preset == "official"
+    pal = mode == MODES["maskmix"]  # (B,)
+    a = pal_alpha(logits if official else logits.detach(), _mix(lam_area, y_a, y_b))  # (B,)
+    lam_mix = torch.where(pal, a * lam_attn + (1.0 - a) * lam_area, lam_area)  # (B,)
+    target = _mix(lam_mix, y_a, y_b)
+    if official:  # hard labels in the PAL branch; lam keeps alpha's gradient
+        hard = _mix(lam_mix, smooth_one_hot(labels_a, num_classes, 0.0),
+                    smooth_one_hot(labels_b, num_classes, 0.0))
+        target = torch.where(pal.unsqueeze(1), hard, target)
+    alpha = torch.where(pal, a.detach(), alpha)
+    return MixTargets(target, lam_mix.detach(), alpha)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                              reduction: str = "mean") -> torch.Tensor:
+    """-sum(target * log_softmax(logits)) per sample, in float32; 'mean' or 'none'.
+
+    Same value as timm's SoftTargetCrossEntropy; the target is not detached, so the 'official'
+    PAL preset's gradient through alpha reaches the model.
+    """
+    _check_choice("reduction", reduction, ("mean", "none"))
+    if logits.shape != target.shape:
+        raise ValueError(f"logits and target must have the same shape (B, C), got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    loss = -(target * logits.float().log_softmax(dim=-1)).sum(dim=-1)  # (B,)
+    return loss.mean() if reduction == "mean" else loss
