@@ -143,6 +143,7 @@ class ClsAttention:
         attn = self._attn
         with torch.no_grad():
             if self._kind == "vit":  # q, k: (B, heads, N, d) exactly as SDPA receives them
+                assert q.ndim == 4 and k.shape == q.shape, "unexpected timm Attention layout"
                 q_cls = q[:, :, 0]  # (B, heads, d)
                 scale = q.shape[-1] ** -0.5 if attn.fused_attn else attn.scale  # SDPA default
             else:

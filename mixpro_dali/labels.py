@@ -3,7 +3,7 @@
 method.md section 3, per sample (never a batch mean; openmixup's batch mean is a bug):
   lam_attn = sum(A * m)                                 m: token mask, 1 = token from sample a
   TransMix (CutMix samples):  lam = (lam_area + lam_attn) / 2
-  PAL (MaskMix samples, MixPro Eq. 9-10):
+  PAL (MaskMix samples):
       y_area = lam_area * y_a + (1 - lam_area) * y_b    (label-smoothed one-hots)
       alpha  = cos(softmax(z), y_area)                  in [0, 1]
       lam    = alpha * lam_attn + (1 - alpha) * lam_area
@@ -62,7 +62,7 @@ def attn_lambda(attn: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
 
 
 def pal_alpha(logits: torch.Tensor, y_area: torch.Tensor) -> torch.Tensor:
-    """alpha = cos(softmax(logits), y_area) per sample, (B,) float32 in [0, 1] (MixPro Eq. 9)."""
+    """alpha = cos(softmax(logits), y_area) per sample, (B,) float32 in [0, 1]."""
     p = logits.float().softmax(dim=-1)  # (B, C)
     return F.cosine_similarity(p, y_area, dim=-1).clamp(0.0, 1.0)
 

@@ -1,4 +1,4 @@
-"""mix_targets against hand-written per-sample formulas (method.md section 3), every method x preset."""
+"""mix_targets against hand-written per-sample formulas (method.md section 3), method x preset."""
 import math
 
 import pytest
