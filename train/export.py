@@ -1,0 +1,38 @@
+"""python -m train.export CKPT OUT.pth [--ema] [--drop-head]
+
+Backbone weights in plain timm format (timm's key names, no wrapper prefixes, no optimizer):
+    model = timm.create_model(name, num_classes=..., **kwargs)
+    model.load_state_dict(torch.load("OUT.pth", weights_only=True))
+--drop-head removes the classifier (head.*, head_dist.*) for detection / segmentation backbones
+(load those with strict=False). CKPT may be a run folder (its best.pth, else last.pth).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .checkpoint import export_backbone
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[2])
+    p.add_argument("checkpoint", help="a .pth written by python -m train, or a run folder")
+    p.add_argument("out", help="output .pth (timm state dict)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--drop-head", action="store_true", help="leave out the classifier")
+    args = p.parse_args(argv)
+    ck = Path(args.checkpoint)
+    if ck.is_dir():
+        ck = ck / "best.pth" if (ck / "best.pth").is_file() else ck / "last.pth"
+    try:
+        out = export_backbone(ck, args.out, ema=args.ema, drop_head=args.drop_head)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"python -m train.export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Build everything from a TrainConfig and run the epochs (DeiT's `main`; the loop is engine.py).
+
+Order matters for exact resume: model and loaders are built (consuming RNG), then the
+checkpoint is loaded, and the RNG states are restored last, right before the loop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from .config import TrainConfig, dump_yaml
+from .dist import DistInfo, all_gather_object, barrier, broadcast_object, cleanup, \
+    init_distributed
+from .engine import Engine, TrainState
+from .losses import MixLoss, mix_config_for
+from .optim import build_optimizer, build_scheduler, scaled_lr
+from .summary import Progress, Reporter, fmt_time, format_table
+
+__all__ = ["run", "build_model", "resolve_data", "build_loaders"]
+
+
+def _say(dist: DistInfo, *msg: Any) -> None:
+    if dist.is_main:
+        print(*msg, flush=True)
+
+
+def build_model(cfg: TrainConfig) -> tuple[nn.Module, int]:
+    """The timm model and its patch size (checked against data.image_size)."""
+    m = cfg.model
+    try:
+        model = timm.create_model(m.name, pretrained=False, num_classes=m.num_classes,
+                                  drop_path_rate=m.drop_path, drop_rate=m.drop, **m.kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"model.name={m.name!r} is not a timm model; list them with "
+                             "`python -c \"import timm; print(timm.list_models('vit*'))\"`") from None
+        raise
+    except TypeError as e:
+        raise TypeError(f"model.kwargs {m.kwargs} are not accepted by {m.name}: {e}") from None
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or not hasattr(pe, "patch_size"):
+        if cfg.mix.method in ("maskmix", "mixpro", "transmix"):
+            raise ValueError(f"mix.method={cfg.mix.method!r} needs a patch-based model (a "
+                             f"token grid); {m.name} has no patch_embed")
+        return model, cfg.data.image_size
+    patch = pe.patch_size
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    img = getattr(pe, "img_size", None)
+    if img is not None and not getattr(pe, "dynamic_img_size", False):
+        img = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
+        if img != (cfg.data.image_size,) * 2:
+            raise ValueError(f"data.image_size={cfg.data.image_size} but {m.name} is built for "
+                             f"{img[0]}x{img[1]}; set --model.kwargs.img_size "
+                             f"{cfg.data.image_size} (or change data.image_size)")
+    return model, patch
+
+
+def resolve_data(cfg: TrainConfig, dist: DistInfo) -> tuple[str, str]:
+    """(train source, val source); prepares the Fashion-MNIST demo tree on rank 0 once."""
+    d = cfg.data
+    if not d.use_demo:
+        for name in ("train", "val"):
+            src = getattr(d, name)
+            if not any(c in src for c in "*?[{") and not Path(src).exists():
+                raise FileNotFoundError(f"data.{name}={src!r} does not exist: give a class-"
+                                        "folder root, a file list or WebDataset shards")
+        return d.train, d.val
+    result: Any = None
+    if dist.is_main:
+        from pipelines.fashion_mnist import prepare_fashion_mnist
+        try:
+            root = prepare_fashion_mnist(d.cache_dir, train_size=d.demo_train_size,
+                                         val_size=d.demo_val_size, image_size=d.image_size,
+                                         raw_dir=d.demo_raw_dir)
+            result = str(root)
+        except (FileNotFoundError, ValueError) as e:
+            result = e
+    result = broadcast_object(result)
+    if isinstance(result, Exception):
+        raise result
+    return str(Path(result) / "train"), str(Path(result) / "val")
+
+
+def build_loaders(cfg: TrainConfig, dist: DistInfo, mix_cfg, train_src: str, val_src: str):
+    from pipelines.loader import TrainLoader, ValLoader
+    d = cfg.data
+    dev = dist.device.type
+    dtype = "float16" if dev == "cuda" and cfg.run.amp == "fp16" else "float32"
+    common = dict(image_size=d.image_size, device=dev, shard_id=dist.rank,
+                  num_shards=dist.world_size, num_threads=d.num_threads, mean=tuple(d.mean),
+                  std=tuple(d.std), dtype=dtype)
+    train = TrainLoader(train_src, batch_size=d.batch_size, mix=mix_cfg, seed=cfg.run.seed,
+                        auto_augment=d.auto_augment, re_prob=d.re_prob,
+                        interpolation=d.interpolation, scale=tuple(d.scale),
+                        ratio=tuple(d.ratio), hflip=d.hflip, **common)
+    val = ValLoader(val_src, batch_size=d.val_batch_size or 2 * d.batch_size,
+                    crop_pct=d.crop_pct, **common)
+    return train, val
+
+
+def _output_dir(cfg: TrainConfig, output: str | None, name: str) -> Path:
+    if output or cfg.run.output:
+        return Path(output or cfg.run.output)
+    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+class _Saver:
+    """Rank 0 writes; every rank contributes its RNG + loader state (a collective)."""
+
+    def __init__(self, eng: Engine, train_loader, cfg: TrainConfig, out: Path, dist: DistInfo):
+        self.eng, self.loader, self.cfg, self.out, self.dist = eng, train_loader, cfg, out, dist
+
+    def state(self, st: TrainState) -> dict[str, Any] | None:
+        ranks = all_gather_object(ckpt_io.plain_state(
+            {"rng": ckpt_io.capture_rng(), "loader": self.loader.state_dict()}))
+        if not self.dist.is_main:
+            return None
+        for p in self.eng.model.parameters():
+            if not torch.isfinite(p).all():
+                raise RuntimeError("model weights are not finite; not overwriting the last good "
+                                   "checkpoint. Lower optim.lr or set optim.clip_grad.")
+        e = self.eng
+        return {
+            "version": ckpt_io.FORMAT_VERSION, "model": e.model.state_dict(),
+            "optimizer": e.optimizer.state_dict(), "scheduler": e.scheduler.state_dict(),
+            "scaler": e.scaler.state_dict(), "ema": e.ema.state_dict() if e.ema else None,
+            "state": st.to_dict(), "ranks": ranks, "config": self.cfg.to_dict(),
+        }
+
+    def mid_epoch(self, st: TrainState) -> None:
+        sd = self.state(st)
+        if sd is not None:
+            ckpt_io.save_atomic(sd, self.out / "last.pth")
+
+    def epoch_end(self, st: TrainState, is_best: bool) -> None:
+        sd = self.state(st)
+        if sd is None:
+            return
+        ckpt_io.save_atomic(sd, self.out / "last.pth")
+        if is_best:
+            ckpt_io.save_atomic(sd, self.out / "best.pth")
+        every = self.cfg.run.ckpt_every
+        if every and (st.epoch + 1) % every == 0:
+            ckpt_io.save_atomic(sd, self.out / f"epoch_{st.epoch + 1:04d}.pth")
+
+
+def _resume(path: str, eng: Engine, train_loader, dist: DistInfo) -> TrainState:
+    ck = ckpt_io.load_checkpoint(path)
+    ranks = ck["ranks"]
+    if len(ranks) != dist.world_size:
+        raise ValueError(f"checkpoint {path} was written by {len(ranks)} processes, this run has "
+                         f"{dist.world_size}: resume with the same number of processes")
+    eng.model.load_state_dict(ck["model"])
+    eng.optimizer.load_state_dict(ck["optimizer"])
+    eng.scheduler.load_state_dict(ck["scheduler"])
+    eng.scaler.load_state_dict(ck["scaler"])
+    if eng.ema is not None and ck.get("ema"):
+        eng.ema.load_state_dict(ck["ema"])
+    st = TrainState.from_dict(ck["state"])
+    mine = ranks[dist.rank]
+    train_loader.load_state_dict(mine["loader"])
+    ckpt_io.restore_rng(mine["rng"])
+    return st
+
+
+def run(cfg: TrainConfig, *, resume: str | None = None, output: str | None = None,
+        name: str = "run") -> dict[str, Any]:
+    """Train and evaluate; returns the final metrics. Wraps set-up and tear-down of DDP."""
+    dist = init_distributed(cfg.run.device)
+    try:
+        return _run(cfg, dist, resume=resume, output=output, name=name)
+    finally:
+        cleanup()
+
+
+def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str, Any]:
+    t_run = time.perf_counter()
+    torch.manual_seed(cfg.run.seed + dist.rank)
+    out = Path(broadcast_object(str(_output_dir(cfg, output, name))))
+    train_src, val_src = resolve_data(cfg, dist)
+    model, patch = build_model(cfg)
+    model.to(dist.device)
+    mix_cfg = mix_config_for(cfg.mix.method, cfg.mix.preset, image_size=cfg.data.image_size,
+                             patch_size=patch, mask_patch=cfg.mix.mask_patch, seed=cfg.run.seed,
+                             options=cfg.mix.options)
+    loss_fn = MixLoss(model, method=cfg.mix.method, preset=cfg.mix.preset,
+                      num_classes=cfg.model.num_classes, smoothing=cfg.mix.smoothing)
+    train_model: nn.Module = model
+    if dist.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    if cfg.run.compile:
+        train_model = torch.compile(train_model)
+    train_loader, val_loader = build_loaders(cfg, dist, mix_cfg, train_src, val_src)
+    n_batches = len(train_loader)
+    o = cfg.optim
+    global_batch = cfg.data.batch_size * dist.world_size * o.accum_steps
+    lr = scaled_lr(o.lr, global_batch, o.lr_base_batch)
+    optimizer = build_optimizer(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
+                                betas=o.betas, eps=o.eps)
+    scheduler = build_scheduler(optimizer, sched=o.sched, epochs=cfg.run.epochs,
+                                updates_per_epoch=math.ceil(n_batches / o.accum_steps),
+                                warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
+                                min_lr=o.min_lr)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=(
+        dist.device.type == "cuda" and cfg.run.amp == "fp16"))
+    ema = None
+    if cfg.run.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg.run.ema_decay)
+    eng = Engine(model, train_model, optimizer, scheduler, scaler, loss_fn, dist=dist,
+                 amp=cfg.run.amp, accum_steps=o.accum_steps, clip_grad=o.clip_grad, ema=ema)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
+    st = _resume(resume, eng, train_loader, dist) if resume else TrainState()
+    if st.batch >= n_batches:  # the checkpoint closed its epoch
+        st.epoch, st.batch, st.loss_sum, st.loss_count = st.epoch + 1, 0, 0.0, 0
+    saver = _Saver(eng, train_loader, cfg, out, dist)
+    reporter = Reporter(out if dist.is_main else None, tensorboard=cfg.run.tensorboard)
+    progress = Progress(cfg.run.progress, enabled=dist.is_main, epochs=cfg.run.epochs,
+                        n_batches=n_batches)
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(dist, f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {dist.world_size} x "
+               f"{dist.device.type}, global batch {global_batch}, lr {lr:.2e}, "
+               f"{n_batches} batches/epoch, mix {cfg.mix.method}/{cfg.mix.preset}, out {out}")
+    if resume:
+        _say(dist, f"resumed from {resume}: epoch {st.epoch + 1}, batch {st.batch}, "
+                   f"step {st.step}")
+    last: dict[str, Any] = {}
+    samples = 0
+    t_train = time.perf_counter()
+    try:
+        for epoch in range(st.epoch, cfg.run.epochs):
+            st.epoch = epoch
+            t_ep = time.perf_counter()
+            progress.start_epoch(epoch, st.batch)
+            first = st.batch
+            train_m = eng.train_epoch(train_loader, n_batches, st, on_log=progress.log,
+                                      log_every=cfg.run.log_every,
+                                      on_checkpoint=saver.mid_epoch,
+                                      ckpt_steps=cfg.run.ckpt_steps)
+            progress.end_epoch(st)
+            samples += (st.batch - first) * cfg.data.batch_size * dist.world_size
+            evals = eng.evaluate(model, val_loader)
+            if ema is not None:
+                evals.update({f"ema_{k}": v for k, v in
+                              eng.evaluate(ema.module, val_loader).items() if k != "count"})
+            is_best = evals["top1"] > st.best_top1
+            if is_best:
+                st.best_top1, st.best_epoch = evals["top1"], epoch
+            sec = time.perf_counter() - t_ep
+            row = {"epoch": epoch, "train_loss": train_m["loss"], **evals, "seconds": sec}
+            st.history.append(row)
+            saver.epoch_end(st, is_best)
+            count = evals.pop("count")
+            reporter.epoch(epoch, train_m, evals, lr=eng.lr, seconds=sec, step=st.step)
+            _say(dist, f"epoch {epoch + 1}/{cfg.run.epochs}: train loss {train_m['loss']:.4f} "
+                       f"val loss {evals['loss']:.4f} top-1 {evals['top1']:.2f} top-5 "
+                       f"{evals['top5']:.2f} ({count} images) {fmt_time(sec)}")
+            last = {**evals, "train_loss": train_m["loss"]}
+            st.batch, st.loss_sum, st.loss_count = 0, 0.0, 0
+    finally:
+        reporter.close()
+        loss_fn.remove()
+    wall = time.perf_counter() - t_run
+    result = {**last, "best_top1": st.best_top1, "best_epoch": st.best_epoch + 1,
+              "wall_s": wall, "img_s": samples / max(time.perf_counter() - t_train, 1e-9),
+              "output": str(out), "history": st.history}
+    if dist.is_main and (out / "best.pth").is_file():
+        ckpt_io.export_backbone(out / "best.pth", out / "best_timm.pth")
+        _say(dist, format_table([
+            ("model", cfg.model.name), ("method", f"{cfg.mix.method} ({cfg.mix.preset})"),
+            ("epochs", str(cfg.run.epochs)),
+            ("final top-1 / top-5", f"{last.get('top1', float('nan')):.2f} / "
+                                    f"{last.get('top5', float('nan')):.2f}"),
+            ("best top-1", f"{st.best_top1:.2f} (epoch {st.best_epoch + 1})"),
+            ("train throughput", f"{result['img_s']:.0f} img/s"),
+            ("wall time", fmt_time(wall)),
+            ("output", str(out)),
+            ("timm weights", str(out / "best_timm.pth")),
+        ]))
+    barrier()
+    return result
