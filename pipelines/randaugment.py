@@ -172,57 +172,61 @@ def _resolve(values: dict) -> RandAugmentPolicy:
         weights=weights)
 
 
-# ---- level -> op argument, timm's LEVEL_TO_ARG in DALI arithmetic (level, sign: per sample) ----
-def _frac(level):
-    return level * (1.0 / _LEVEL_DENOM)
+# ---- level -> op argument: timm's LEVEL_TO_ARG in DALI arithmetic ----
+# `level` is the per-sample *signed* magnitude (timm's random sign times the clipped magnitude),
+# one node instead of two through every conditional split; unsigned ops take its abs.
+def _signed(scale):
+    return lambda level: level * (scale / _LEVEL_DENOM)
+
+
+def _unsigned(level, scale):
+    return dmath.abs(level) * (scale / _LEVEL_DENOM)
 
 
 def _int(x):  # python int() of a non-negative float: floor, then an exact cast
     return fn.cast(dmath.floor(x), dtype=types.INT32)
 
 
-def _signed(scale):
-    return lambda level, sign: _frac(level) * scale * sign
+def _enhance(level):
+    return _unsigned(level, 1.8) + 0.1
 
 
-def _enhance(level, sign):
-    return _frac(level) * 1.8 + 0.1
+def _enhance_increasing(level):
+    return dmath.max(1.0 + level * (0.9 / _LEVEL_DENOM), 0.1)
 
 
-def _enhance_increasing(level, sign):
-    return dmath.max(1.0 + _frac(level) * 0.9 * sign, 0.1)
+def _posterize(level):
+    return _int(_unsigned(level, 4.0))
 
 
-def _posterize(level, sign):
-    return _int(_frac(level) * 4.0)
+def _posterize_increasing(level):
+    return 4 - _posterize(level)
 
 
-def _posterize_increasing(level, sign):
-    return 4 - _posterize(level, sign)
+def _solarize(level):
+    return dmath.min(_int(_unsigned(level, 256.0)), 256)
 
 
-def _solarize(level, sign):
-    return dmath.min(_int(_frac(level) * 256.0), 256)
+def _solarize_increasing(level):
+    return 256 - _solarize(level)
 
 
-def _solarize_increasing(level, sign):
-    return 256 - _solarize(level, sign)
+def _solarize_add(level):
+    return fn.cast(dmath.min(_int(_unsigned(level, 110.0)), 128), dtype=types.UINT8)
 
 
-def _solarize_add(level, sign):
-    return fn.cast(dmath.min(_int(_frac(level) * 110.0), 128), dtype=types.UINT8)
+def _desaturate(level):  # timm: clamp(1 - clamp(0.5 + 0.5 * level / 10, 0.5, 1), 0, 1)
+    return 1.0 - dmath.clamp(0.5 + _unsigned(level, 0.5), 0.5, 1.0)
 
 
-def _desaturate(level, sign):
-    return 1.0 - dmath.clamp(0.5 + 0.5 * _frac(level), 0.5, 1.0)  # timm clamps to [0, 1] too
+def _blur_radius(level):
+    return dmath.clamp(0.1 + _unsigned(level, 1.9), 0.1, 2.0)
 
 
-def _blur_radius(level, sign):
-    return dmath.clamp(0.1 + 1.9 * _frac(level), 0.1, 2.0)
-
-
-# ---- kernels: kernel(data, arg, *, fill, shape); uint8 HWC, cpu or gpu ----
+# ---- kernels: kernel(data, arg, *, fill, size); uint8 HWC, cpu or gpu ----
 _POSTERIZE_MASKS = np.array([256 - 2 ** (8 - b) for b in range(9)], np.uint8)  # bits 0..8
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # PIL ImageFilter.SMOOTH
+_DELTA = np.pad(np.ones((1, 1), np.float32), 1)
 
 
 def _posterize_kernel(data, bits, **_):
@@ -231,21 +235,8 @@ def _posterize_kernel(data, bits, **_):
 
 
 def _sharpness_kernel(data, factor, **_):
-    blur = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # PIL ImageFilter.SMOOTH
-    ident = np.zeros((3, 3), np.float32)
-    ident[1, 1] = 1
-    kernel = types.Constant(blur) * (1.0 - factor) + types.Constant(ident) * factor  # (3, 3)
+    kernel = types.Constant(_SMOOTH - _DELTA) * (1.0 - factor) + types.Constant(_DELTA)  # (3, 3)
     return fn.filter(data, kernel.gpu() if data.device == "gpu" else kernel)  # dali_aug.sharpness
-
-
-def _affine(terms):
-    """sum(coef * basis) over {(row, col): coef}, plus identity: a (2, 3) dst->src matrix."""
-    matrix = types.Constant(np.array([[1, 0, 0], [0, 1, 0]], np.float32))
-    for (row, col), coef in terms.items():
-        basis = np.zeros((2, 3), np.float32)
-        basis[row, col] = 1
-        matrix = matrix + coef * types.Constant(basis)
-    return matrix
 
 
 def _warp(data, matrix, fill):
@@ -260,35 +251,25 @@ def _warp(data, matrix, fill):
     return fn.cast_like(moved + shift, data)  # per-channel fill: warp_affine takes a scalar
 
 
-def _hw(shape):
-    return fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+# fn.transforms matrices used as dst->src maps are exactly PIL's matrices for these ops
+def _shear_x(data, factor, *, fill, size):
+    return _warp(data, fn.transforms.shear(shear=fn.stack(factor, factor * 0.0)), fill)
 
 
-def _shear_x(data, factor, *, fill, shape):
-    return _warp(data, _affine({(0, 1): factor}), fill)
+def _shear_y(data, factor, *, fill, size):
+    return _warp(data, fn.transforms.shear(shear=fn.stack(factor * 0.0, factor)), fill)
 
 
-def _shear_y(data, factor, *, fill, shape):
-    return _warp(data, _affine({(1, 0): factor}), fill)
+def _translate(axis):
+    def kernel(data, pct, *, fill, size):  # size: (W, H); timm: pixels = pct * img.size[axis]
+        onehot = types.Constant(np.eye(2, dtype=np.float32)[axis])
+        return _warp(data, fn.transforms.translation(offset=size * onehot * pct), fill)
+    return kernel
 
 
-def _translate_x(data, pct, *, fill, shape):
-    return _warp(data, _affine({(0, 2): pct * _hw(shape)[1]}), fill)
-
-
-def _translate_y(data, pct, *, fill, shape):
-    return _warp(data, _affine({(1, 2): pct * _hw(shape)[0]}), fill)
-
-
-def _rotate(data, degrees, *, fill, shape):
+def _rotate(data, degrees, *, fill, size):
     """PIL ``Image.rotate``: counter-clockwise about (W/2, H/2), same size."""
-    h, w = _hw(shape)
-    cx, cy = w * 0.5, h * 0.5
-    angle = degrees * (-math.pi / 180.0)
-    cos, sin = dmath.cos(angle), dmath.sin(angle)
-    terms = {(0, 0): cos - 1.0, (0, 1): sin, (1, 0): -sin, (1, 1): cos - 1.0,
-             (0, 2): cx - cos * cx - sin * cy, (1, 2): cy + sin * cx - cos * cy}
-    return _warp(data, _affine(terms), fill)
+    return _warp(data, fn.transforms.rotation(angle=degrees, center=size * 0.5), fill)
 
 
 def _gaussian_blur(data, radius, **_):
@@ -320,21 +301,25 @@ _OP_TABLE = {
     "SharpnessIncreasing": (_sharpness_kernel, _enhance_increasing),
     "ShearX": (_shear_x, _signed(0.3)),
     "ShearY": (_shear_y, _signed(0.3)),
-    "TranslateXRel": (_translate_x, _signed(0.45)),
-    "TranslateYRel": (_translate_y, _signed(0.45)),
+    "TranslateXRel": (_translate(0), _signed(0.45)),
+    "TranslateYRel": (_translate(1), _signed(0.45)),
     "Desaturate": (_simple(dali_aug.color.op), _desaturate),
     "GaussianBlur": (_gaussian_blur, _blur_radius),
 }
 OP_NAMES = tuple(_OP_TABLE)
+_NEEDS_SIZE = {"Rotate", "TranslateXRel", "TranslateYRel"}
 
 
 def _make_op(name, kernel, level_to_arg):
     if level_to_arg is None:
         def op(data, _):
             return kernel(data, None)
+    elif name in _NEEDS_SIZE:
+        def op(data, _, level, fill, size):
+            return kernel(data, level_to_arg(level), fill=fill, size=size)
     else:
-        def op(data, _, level, sign, fill, shape):
-            return kernel(data, level_to_arg(level, sign), fill=fill, shape=shape)
+        def op(data, _, level, fill):
+            return kernel(data, level_to_arg(level), fill=fill, size=None)
     return augmentation(op, name=name)
 
 
@@ -417,13 +402,16 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
     seeds = _seeds(seed, 4 * n)
     ops = [_OPS[name] for name in policy.transforms]
     op_idx = sample_ops(policy, seeds[:n])
-    geometric = {"Rotate", "TranslateXRel", "TranslateYRel"} & set(policy.transforms)
-    shape = images.shape(dtype=types.INT32) if geometric else None  # (H, W, C)
+    size = None  # (W, H) float32, PIL's img.size
+    if _NEEDS_SIZE & set(policy.transforms):
+        hwc = images.shape(dtype=types.INT32)
+        size = fn.cast(fn.stack(hwc[1], hwc[0]), dtype=types.FLOAT)
     for layer in range(n):
         s_apply, s_level, s_sign = seeds[n + 3 * layer: n + 3 * layer + 3]
-        level = sample_level(policy, s_level)
         sign = fn.random.uniform(values=[-1.0, 1.0], seed=s_sign)
-        kwargs = dict(level=level, sign=sign, fill=fill, shape=shape)
+        kwargs = dict(level=sample_level(policy, s_level) * sign, fill=fill)
+        if size is not None:
+            kwargs["size"] = size
         if policy.prob < 1.0:
             apply = fn.random.coin_flip(probability=policy.prob, dtype=types.BOOL, seed=s_apply)
             if apply:
