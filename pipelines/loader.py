@@ -1,0 +1,261 @@
+"""PyTorch-facing loaders over the DALI pipelines: iterables of dict batches on the training
+device, one pass = one epoch, with exact mid-epoch resume.
+
+Epochs. Every shard runs `epoch_runs` = ceil(ceil(N/S)/B) pipeline iterations per epoch (DALI
+pads shards to equal length). Training yields the first floor(floor(N/S)/B) of them on every
+shard (drop last: full batches of real samples only, the same count on all ranks) and runs the
+rest unseen; validation yields ceil(shard_size/B) batches with the padding cut off, so the
+shards see every sample exactly once.
+
+Resume. `state_dict()` holds the number of pipeline iterations consumed and DALI's checkpoint
+(reader positions + RNG states), which reflects consumed iterations, not prefetched ones.
+`load_state_dict` rebuilds the pipeline from that checkpoint and sets the MaskMix operator's
+batch counter to the consumed count (its own counter runs ahead with DALI's prefetch).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from mixpro_dali import MixConfig
+
+from .badfiles import explain_failure
+from .decode import IMAGENET_MEAN, IMAGENET_STD
+from .readers import READER_NAME, epoch_runs, resolve_source, shard_size
+from .train_pipeline import TRAIN_OUTPUTS, TrainOptions, build_train_pipeline, no_mix_config
+from .val_pipeline import VAL_OUTPUTS, build_val_pipeline
+
+__all__ = ["TrainLoader", "ValLoader", "resolve_device"]
+
+STATE_VERSION = 1
+
+
+def resolve_device(device: str | torch.device = "auto") -> tuple[torch.device, str, int | None]:
+    """(torch device, DALI backend "cpu"|"gpu", DALI device_id) for "auto" | "cpu" | "cuda" |
+    "cuda:N". auto = cuda when torch sees a GPU; cuda without an index = the current device
+    (the local rank's after torch.cuda.set_device)."""
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu"), "cpu", None
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch sees no CUDA device; use 'cpu' or 'auto'")
+        dev = torch.device(name)
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        return torch.device("cuda", index), "gpu", index
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _as_hw(size: int | Sequence[int], name: str = "image_size") -> tuple[int, int]:
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in hw):
+        raise ValueError(f"{name} must be a positive int or (H, W), got {size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _to_torch(tl: Any) -> torch.Tensor:
+    """Copy a DALI TensorList (CPU or GPU) into a torch tensor on the same device."""
+    if tl.is_dense_tensor():
+        return torch.from_dlpack(tl.as_tensor()).clone()
+    return torch.stack([torch.from_dlpack(tl[i]) for i in range(len(tl))])
+
+
+class _DaliLoader:
+    """Shared run/convert/explain loop of both loaders."""
+
+    _names: tuple[str, ...] = ()
+
+    def _setup(self, source: Any, *, batch_size: int, device: Any, shard_id: int,
+               num_shards: int, num_threads: int, exclude: Any = None) -> None:
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_shards", num_shards, 1)
+        _check_int("num_threads", num_threads, 1)
+        if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id must be an int in [0, num_shards={num_shards}), got {shard_id!r}")
+        self.source = resolve_source(source, exclude=exclude)
+        self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
+        self.num_threads = num_threads
+        self.device, self.backend, self.device_id = resolve_device(device)
+        self._runs = 0                 # pipeline iterations consumed since the start of training
+        self._since_build = 0          # ... since this pipeline object was built
+        self._generation = 0
+
+    def _sizes(self, pipe: Any) -> None:
+        """Sample counts from the built reader (WebDataset sizes are known only then)."""
+        self.num_samples = int(pipe.reader_meta(READER_NAME)["epoch_size"])
+        if self.num_samples < self.num_shards:
+            raise ValueError(f"{self.num_samples} samples cannot fill num_shards={self.num_shards}")
+        self.epoch_runs = epoch_runs(self.num_samples, self.num_shards, self.batch_size)
+
+    def _run(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """One pipeline iteration as torch tensors (keep=False: run it, return nothing; for
+        the padding and dropped tail nobody sees). A bad input file raises BadImageError."""
+        try:
+            outs = self._pipe.run()
+        except RuntimeError as err:
+            bad = explain_failure(err, self._tracker.batch_files(self._since_build))
+            if bad is not None:
+                raise bad from err
+            raise
+        self._runs += 1
+        self._since_build += 1
+        if not keep:
+            return {}
+        return {n: _to_torch(o) for n, o in zip(self._names, outs) if not n.startswith("_")}
+
+    def _skip(self) -> None:
+        self._run(keep=False)
+
+    @property
+    def epoch(self) -> int:
+        """Current epoch (0-based): the one the next batch belongs to."""
+        return self._runs // self.epoch_runs
+
+    def __len__(self) -> int:
+        return self._len
+
+
+class TrainLoader(_DaliLoader):
+    """Training batches: dicts with image (B, 3, H, W) normalized, label_a / label_b (B,)
+    int64, lam (B,) float32, token_mask (B, h, w) uint8, mode (B,) int32, on `device`.
+
+    One `for` pass yields the rest of the current epoch (len(loader) batches from an epoch
+    start). Arguments as docs/interfaces.md; exclude: files to leave out (a list, or the file
+    `python -m pipelines.scan ROOT --output bad.txt` writes)."""
+
+    _names = TRAIN_OUTPUTS
+
+    def __init__(self, source: Any, batch_size: int = 64, image_size: int | Sequence[int] = 224,
+                 mix: MixConfig | None = None, device: str = "auto", shard_id: int = 0,
+                 num_shards: int = 1, num_threads: int = 2, seed: int = 0,
+                 auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
+                 interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, dtype: str = "float32",
+                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 hflip: float = 0.5, exclude: str | os.PathLike | Iterable[str] | None = None,
+                 hw_decoder_load: float = 0.65, initial_fill: int = 1024) -> None:
+        _check_int("seed", seed, 0)
+        self._setup(source, batch_size=batch_size, device=device, shard_id=shard_id,
+                    num_shards=num_shards, num_threads=num_threads, exclude=exclude)
+        hw = _as_hw(image_size)
+        self.opts = TrainOptions(
+            image_size=hw, auto_augment=auto_augment, re_prob=re_prob, interpolation=interpolation,
+            mean=tuple(mean), std=tuple(std), dtype=dtype, scale=tuple(scale), ratio=tuple(ratio),
+            hflip=hflip, hw_decoder_load=hw_decoder_load, initial_fill=initial_fill)
+        self.mix_config = mix if mix is not None else no_mix_config(hw)
+        if not isinstance(self.mix_config, MixConfig):
+            raise TypeError(f"mix must be a MixConfig or None, got {type(mix).__name__}")
+        self.seed = seed
+        self._build()
+        self._sizes(self._pipe)
+        self._len = shard_size(self.num_samples, 0, self.num_shards) // batch_size
+        if self._len == 0:
+            raise ValueError(
+                f"each of the {num_shards} shard(s) holds at least "
+                f"{shard_size(self.num_samples, 0, num_shards)} of {self.num_samples} samples, "
+                f"fewer than batch_size={batch_size}: no full batch to train on")
+
+    def _build(self, checkpoint: str | None = None) -> None:
+        self._pipe, self.mix_operator, self._tracker = build_train_pipeline(
+            self.source, batch_size=self.batch_size, opts=self.opts, mix_config=self.mix_config,
+            backend=self.backend, device_id=self.device_id, shard_id=self.shard_id,
+            num_shards=self.num_shards, num_threads=self.num_threads, seed=self.seed,
+            mix_start=self._runs, checkpoint=checkpoint)
+        self._since_build = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        generation = self._generation
+        if self._runs % self.epoch_runs >= self._len:        # only the unseen tail is left
+            while self._runs % self.epoch_runs:
+                self._skip()
+        epoch_start = self.epoch * self.epoch_runs
+        while self._runs - epoch_start < self._len:
+            batch = self._run()
+            for key in ("label_a", "label_b"):
+                batch[key] = batch[key].reshape(-1).long()   # (B, 1) int32 -> (B,) int64
+            if self.opts.dtype == "bfloat16":
+                batch["image"] = batch["image"].to(torch.bfloat16)
+            yield batch
+            if generation != self._generation:
+                raise RuntimeError("load_state_dict() was called during iteration; start a new "
+                                   "`for` loop over the loader")
+        while self._runs - epoch_start < self.epoch_runs:
+            self._skip()
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Batches of the current epoch already yielded."""
+        return min(self._runs % self.epoch_runs, self._len)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "shard_id": self.shard_id,
+                "num_shards": self.num_shards, "num_samples": self.num_samples, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly here (plain types; store it per rank)."""
+        return {"version": STATE_VERSION, "runs": self._runs, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "dali": self._pipe.checkpoint(),
+                **self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: the next batches equal those the saved run would have given."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a TrainLoader state (version {STATE_VERSION}): {type(state).__name__}")
+        for key, value in self._identity().items():
+            if state.get(key) != value:
+                raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
+                                 f"{key}={value!r}; resume with the same data and settings")
+        self._runs = int(state["runs"])
+        self._generation += 1
+        self._pipe = None
+        self._build(checkpoint=state["dali"])
+
+
+class ValLoader(_DaliLoader):
+    """Validation batches: dicts with image (B, 3, H, W) normalized and label (B,) int64.
+    Across shards every sample appears exactly once (the last batch of a shard may be smaller;
+    shards may differ by one batch). `num_shard_samples`: samples this shard yields."""
+
+    _names = VAL_OUTPUTS
+
+    def __init__(self, source: Any, batch_size: int = 64, image_size: int | Sequence[int] = 224,
+                 crop_pct: float = 0.875, device: str = "auto", shard_id: int = 0,
+                 num_shards: int = 1, num_threads: int = 2, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, dtype: str = "float32",
+                 interpolation: str = "bicubic", hw_decoder_load: float = 0.65,
+                 exclude: str | os.PathLike | Iterable[str] | None = None) -> None:
+        self._setup(source, batch_size=batch_size, device=device, shard_id=shard_id,
+                    num_shards=num_shards, num_threads=num_threads, exclude=exclude)
+        self.dtype = dtype
+        self._pipe, self._tracker = build_val_pipeline(
+            self.source, batch_size=batch_size, image_size=_as_hw(image_size), crop_pct=crop_pct,
+            interpolation=interpolation, mean=tuple(mean), std=tuple(std), dtype=dtype,
+            backend=self.backend, device_id=self.device_id, shard_id=shard_id,
+            num_shards=num_shards, num_threads=num_threads, hw_decoder_load=hw_decoder_load)
+        self._sizes(self._pipe)
+        self.num_shard_samples = shard_size(self.num_samples, shard_id, num_shards)
+        self._len = -(-self.num_shard_samples // batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while self._runs % self.epoch_runs:                   # an earlier pass was cut short
+            self._skip()
+        left = self.num_shard_samples
+        for _ in range(self._len):
+            batch = self._run()
+            n = min(left, self.batch_size)
+            left -= n
+            image = batch["image"][:n]
+            if self.dtype == "bfloat16":
+                image = image.to(torch.bfloat16)
+            yield {"image": image, "label": batch["label"][:n].reshape(-1).long()}
+        while self._runs % self.epoch_runs:
+            self._skip()

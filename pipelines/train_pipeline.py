@@ -1,0 +1,136 @@
+"""The training pipeline (DeiT / MixPro recipe, timm's order of augmentations):
+
+    reader (global shuffle per epoch) -> decode with random resized crop (fused ROI decode)
+    -> resize to image_size (bicubic) -> RandAugment (HWC uint8) -> horizontal flip +
+    normalize to CHW float (one pass) -> random erasing -> MaskMix operator -> outputs
+
+timm flips before RandAugment; we flip inside the normalize pass after it. The two orders give
+the same distribution: colour ops commute with a flip, and every geometric op of timm's
+RandAugment (rotate, shear, translate) draws its sign at random with probability 1/2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from mixpro_dali import MixConfig, MaskMixOperator, mix
+
+from .badfiles import SampleTracker
+from .decode import (IMAGENET_MEAN, IMAGENET_STD, decode_random_crop, guard, normalize,
+                     resize_train)
+from .readers import Source, read
+
+__all__ = ["TrainOptions", "TRAIN_OUTPUTS", "build_train_pipeline", "pipeline_seed", "no_mix_config"]
+
+TRAIN_OUTPUTS = ("image", "label_a", "label_b", "lam", "token_mask", "mode", "_checked")
+"""Pipeline outputs in order; names starting with '_' are internal (not given to users)."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Augmentation settings of the training pipeline (defaults: DeiT / MixPro recipe)."""
+
+    image_size: tuple[int, int] = (224, 224)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    interpolation: str = "bicubic"
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    dtype: str = "float32"
+    scale: Sequence[float] = (0.08, 1.0)
+    ratio: Sequence[float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    hw_decoder_load: float = 0.65
+    initial_fill: int = 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(self.scale)!r}")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(self.ratio)!r}")
+        for name in ("re_prob", "hflip"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+
+
+def pipeline_seed(seed: int, shard_id: int) -> int:
+    """DALI seed of shard `shard_id`: shards draw independent augmentations."""
+    return (seed * 1_000_003 + shard_id * 7919 + 1) % (2**31 - 1)
+
+
+def no_mix_config(image_size: tuple[int, int]) -> MixConfig:
+    """MixConfig that never mixes (token_mask all ones on a 16-px grid, or the largest patch
+    of 14, 8, 4, 2, 1 px that divides the image)."""
+    patch = next(p for p in (16, 14, 8, 4, 2, 1) if image_size[0] % p == 0 and image_size[1] % p == 0)
+    return MixConfig.preset("none", image_size=image_size, patch_size=patch, mask_patch=patch)
+
+
+def _augmentations(opts: TrainOptions):
+    """(rand_augment, random_erasing) from the sibling modules when the options need them."""
+    rand_augment = random_erasing = None
+    if opts.auto_augment:
+        try:
+            from .randaugment import rand_augment
+        except ImportError as e:  # TODO(issue 3): pipelines/randaugment.py lands separately.
+            raise NotImplementedError(
+                f"auto_augment={opts.auto_augment!r} needs pipelines/randaugment.py ({e}); "
+                "pass auto_augment=None to train without RandAugment") from e
+    if opts.re_prob > 0:
+        try:
+            from .erasing import random_erasing
+        except ImportError as e:  # TODO(issue 3): pipelines/erasing.py lands separately.
+            raise NotImplementedError(
+                f"re_prob={opts.re_prob} needs pipelines/erasing.py ({e}); pass re_prob=0 to "
+                "train without random erasing") from e
+    return rand_augment, random_erasing
+
+
+def build_train_pipeline(source: Source, *, batch_size: int, opts: TrainOptions,
+                         mix_config: MixConfig, backend: str, device_id: int | None,
+                         shard_id: int, num_shards: int, num_threads: int, seed: int,
+                         mix_start: int = 0, checkpoint: str | None = None,
+                         prefetch_queue_depth: int = 2
+                         ) -> tuple[Any, MaskMixOperator, SampleTracker]:
+    """Build the training pipeline. Returns (pipeline, mix operator, tracker).
+
+    mix_start: batch index the MaskMix operator starts from (resume); checkpoint: a DALI
+    checkpoint (readers + RNG) to restore."""
+    from nvidia.dali import fn, pipeline_def
+
+    if tuple(mix_config.image_size) != tuple(opts.image_size):
+        raise ValueError(f"mix config image_size {tuple(mix_config.image_size)} must equal the "
+                         f"training image_size {tuple(opts.image_size)}")
+    rand_augment, random_erasing = _augmentations(opts)
+    tracker = SampleTracker()
+    held: dict[str, MaskMixOperator] = {}
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  seed=pipeline_seed(seed, shard_id), enable_conditionals=True,
+                  enable_checkpointing=True, prefetch_queue_depth=prefetch_queue_depth)
+    def train_pipe():
+        encoded, labels = read(source, shard_id=shard_id, num_shards=num_shards, shuffle=True,
+                               seed=seed, initial_fill=opts.initial_fill)
+        checked = guard(encoded, tracker)
+        images = decode_random_crop(encoded, backend=backend, scale=opts.scale,
+                                    ratio=opts.ratio, hw_decoder_load=opts.hw_decoder_load)
+        images = resize_train(images, opts.image_size, opts.interpolation)
+        if rand_augment is not None:
+            fill = tuple(round(255 * m) for m in opts.mean)     # timm: img_mean
+            images = rand_augment(images, opts.auto_augment, fill=fill)
+        mirror = fn.random.coin_flip(probability=opts.hflip) if opts.hflip > 0 else None
+        images = normalize(images, mean=opts.mean, std=opts.std, dtype=opts.dtype, mirror=mirror)
+        if random_erasing is not None:
+            images = random_erasing(images, prob=opts.re_prob, mode="pixel")
+        out = mix(images, labels, mix_config, layout="CHW", shard_id=shard_id)
+        held["op"] = out.operator
+        return out.images, out.labels_a, out.labels_b, out.lam, out.token_mask, out.mode, checked
+
+    pipe = train_pipe(checkpoint=checkpoint) if checkpoint else train_pipe()
+    op = held["op"]                      # the graph is traced by the call above
+    op.set_batch_index(mix_start)
+    pipe.build()
+    return pipe, op, tracker
