@@ -106,6 +106,15 @@ def build_loaders(cfg: TrainConfig, dist: DistInfo, mix_cfg, train_src: str, val
     return train, val
 
 
+def _check_classes(source: Any, num_classes: int) -> None:
+    """Labels must index the classifier: a clear error instead of a scatter crash."""
+    n = len(source.classes) if getattr(source, "classes", ()) else (
+        max(source.labels) + 1 if getattr(source, "labels", ()) else 0)
+    if n > num_classes:
+        raise ValueError(f"the training data has {n} classes but model.num_classes="
+                         f"{num_classes}; set --model.num_classes {n}")
+
+
 def _output_dir(cfg: TrainConfig, output: str | None, name: str) -> Path:
     if output or cfg.run.output:
         return Path(output or cfg.run.output)
@@ -200,6 +209,7 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
     if cfg.run.compile:
         train_model = torch.compile(train_model)
     train_loader, val_loader = build_loaders(cfg, dist, mix_cfg, train_src, val_src)
+    _check_classes(train_loader.source, cfg.model.num_classes)
     n_batches = len(train_loader)
     o = cfg.optim
     global_batch = cfg.data.batch_size * dist.world_size * o.accum_steps
@@ -236,8 +246,7 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
         _say(dist, f"resumed from {resume}: epoch {st.epoch + 1}, batch {st.batch}, "
                    f"step {st.step}")
     last: dict[str, Any] = {}
-    samples = 0
-    t_train = time.perf_counter()
+    samples, train_s = 0, 0.0
     try:
         for epoch in range(st.epoch, cfg.run.epochs):
             st.epoch = epoch
@@ -249,6 +258,7 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
                                       on_checkpoint=saver.mid_epoch,
                                       ckpt_steps=cfg.run.ckpt_steps)
             progress.end_epoch(st)
+            train_s += time.perf_counter() - t_ep
             samples += (st.batch - first) * cfg.data.batch_size * dist.world_size
             evals = eng.evaluate(model, val_loader)
             if ema is not None:
@@ -273,7 +283,7 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
         loss_fn.remove()
     wall = time.perf_counter() - t_run
     result = {**last, "best_top1": st.best_top1, "best_epoch": st.best_epoch + 1,
-              "wall_s": wall, "img_s": samples / max(time.perf_counter() - t_train, 1e-9),
+              "wall_s": wall, "img_s": samples / max(train_s, 1e-9),
               "output": str(out), "history": st.history}
     if dist.is_main and (out / "best.pth").is_file():
         ckpt_io.export_backbone(out / "best.pth", out / "best_timm.pth")
