@@ -23,10 +23,10 @@ from collections import OrderedDict
 from typing import Iterable
 
 __all__ = ["BadImageError", "sniff_format", "check_bytes", "read_source", "check_source",
-           "SampleTracker", "explain_failure", "SCAN_HINT"]
+           "SampleTracker", "explain_failure"]
 
-SCAN_HINT = ("list bad files with `python -m pipelines.scan ROOT --output bad.txt` and train "
-             "with them left out: TrainLoader(..., exclude='bad.txt')")
+SCAN_HINT = ("list all bad files with `python -m pipelines.scan {root} --output bad.txt` and "
+             "leave them out: TrainLoader(..., exclude='bad.txt') (WebDataset: rewrite the shards)")
 _TAG = "[pipelines] bad image file"
 
 _MAGIC = [
@@ -200,10 +200,12 @@ _NAMED = [
 _DATA_ERROR = re.compile(r"decoders\.|readers\.|python_function|nvImageCodec|" + re.escape(_TAG))
 
 
-def explain_failure(error: BaseException, candidates: Iterable[str] = ()) -> BadImageError | None:
+def explain_failure(error: BaseException, candidates: Iterable[str] = (),
+                    root: str = "ROOT") -> BadImageError | None:
     """A BadImageError naming the file behind a DALI data error, or None when `error` is not
     about input data. `candidates`: files of the failing batch, checked (full decode) when
-    DALI's message names no file."""
+    DALI's message names no file. `root`: the data source, for the scan command suggested."""
+    hint = SCAN_HINT.format(root=root)
     msg = str(error)
     if not _DATA_ERROR.search(msg):
         return None
@@ -212,7 +214,7 @@ def explain_failure(error: BaseException, candidates: Iterable[str] = ()) -> Bad
         if m:
             path = m["path"]
             reason = m.groupdict().get("reason") or check_source(path, decode=True) or "decode failed"
-            return BadImageError(f"cannot decode {path!r} ({reason}); {SCAN_HINT}", path, reason)
+            return BadImageError(f"cannot decode {path!r} ({reason}); {hint}", path, reason)
     seen = set()
     for path in candidates:
         if path in seen:
@@ -220,9 +222,10 @@ def explain_failure(error: BaseException, candidates: Iterable[str] = ()) -> Bad
         seen.add(path)
         reason = check_source(path, decode=True)
         if reason:
-            return BadImageError(f"cannot decode {path!r} ({reason}); {SCAN_HINT}", path, reason)
-    first = msg.strip().splitlines()
-    detail = next((ln for ln in reversed(first) if "failure" in ln or "rror" in ln), first[-1] if first else "")
+            return BadImageError(f"cannot decode {path!r} ({reason}); {hint}", path, reason)
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    detail = after[0] if after else "no message"
     return BadImageError(
         f"DALI failed on input data and named no file ({detail.strip()}); checked "
-        f"{len(seen)} file(s) of the failing batch without finding it; {SCAN_HINT}")
+        f"{len(seen)} file(s) of the failing batch without finding it; {hint}")

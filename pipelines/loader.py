@@ -102,7 +102,8 @@ class _DaliLoader:
         try:
             outs = self._pipe.run()
         except RuntimeError as err:
-            bad = explain_failure(err, self._tracker.batch_files(self._since_build))
+            bad = explain_failure(err, self._tracker.batch_files(self._since_build),
+                                  root=self.source.root)
             if bad is not None:
                 raise bad from err
             raise
