@@ -388,7 +388,8 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
 
     ``fill``: color of the area geometric ops uncover (per channel; None repeats the border).
     ``seed``: seeds this op's random streams; None derives them from the pipeline seed.
-    Needs ``@pipeline_def(enable_conditionals=True)``.
+    Needs ``@pipeline_def(enable_conditionals=True)``; gpu images also need DALI's default
+    dynamic executor (the image size is read on the CPU for Rotate/Translate).
     """
     policy = parse_policy(policy) if isinstance(policy, str) else policy
     if not isinstance(policy, RandAugmentPolicy):

@@ -152,3 +152,24 @@ def test_needs_a_data_node_and_conditionals():
         random_erasing(np.zeros((3, 4, 4), np.float32))
     with pytest.raises(ValueError, match="enable_conditionals=True"):
         run([np.zeros((3, 4, 4), np.float32)], random_erasing, conditionals=False)
+
+
+@pytest.mark.filterwarnings("ignore:Checkpointing enabled")
+def test_checkpoint_resume_is_exact():
+    images = [np.random.default_rng(3).normal(size=(3, H, W)).astype(np.float32)] * 16
+
+    @pipeline_def(batch_size=16, num_threads=2, device_id=None, seed=5,
+                  enable_conditionals=True, enable_checkpointing=True)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="CHW")
+        return random_erasing(x, prob=0.5, count=2)
+
+    first = pipe()
+    first.build()
+    first.run()
+    checkpoint = first.checkpoint()
+    expected = [np.array(t) for _ in range(3) for t in first.run()[0]]
+    resumed = pipe(checkpoint=checkpoint)
+    resumed.build()
+    got = [np.array(t) for _ in range(3) for t in resumed.run()[0]]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))

@@ -296,3 +296,25 @@ def test_noop_policies_return_input():
 def test_every_named_set_resolves():
     for name, (transforms, _) in TRANSFORM_SETS.items():
         assert set(transforms) <= set(OP_NAMES), name
+
+
+@pytest.mark.filterwarnings("ignore:Checkpointing enabled")
+def test_checkpoint_resume_is_exact():
+    """The train pipeline resumes from DALI checkpoints: RA's random state must be in them."""
+    images = smooth_images(8, 24, 24)
+
+    @pipeline_def(batch_size=8, num_threads=2, device_id=None, seed=5,
+                  enable_conditionals=True, enable_checkpointing=True)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return rand_augment(x, "rand-m9-mstd0.5-inc1")
+
+    first = pipe()
+    first.build()
+    first.run()
+    checkpoint = first.checkpoint()
+    expected = [np.array(t) for _ in range(3) for t in first.run()[0]]
+    resumed = pipe(checkpoint=checkpoint)
+    resumed.build()
+    got = [np.array(t) for _ in range(3) for t in resumed.run()[0]]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
