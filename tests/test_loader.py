@@ -1,0 +1,153 @@
+"""Loaders: epochs and len, exact mid-epoch resume (DALI checkpoint + MaskMix counter), bad
+input errors that name the file, exclusion, and argument errors."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import jpeg_factory as jf
+from mixpro_dali import MixConfig
+from pipelines.badfiles import BadImageError
+from pipelines.loader import TrainLoader, ValLoader, resolve_device
+from pipelines.scan import main as scan_main
+
+PLAIN = dict(auto_augment=None, re_prob=0.0, device="cpu", image_size=32)
+MIX = MixConfig(image_size=32, patch_size=8, mask_patch=16, seed=7,
+                probs={"maskmix": 0.4, "cutmix": 0.3, "mixup": 0.3})
+
+
+def take(loader, n):
+    """The next n batches, crossing epoch boundaries (a new `for` pass per epoch)."""
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+
+
+def test_len_epochs_and_partial_passes(indexed):
+    loader = TrainLoader(indexed.list, batch_size=4, mix=MIX, **PLAIN)
+    assert len(loader) == 5 and loader.epoch_runs == 6          # 23 -> 5 full batches, 1 padded
+    assert len(list(loader)) == 5 and loader.epoch == 1
+    first = take(loader, 2)                                      # break after 2 of epoch 1
+    assert loader.epoch == 1 and loader.batch_in_epoch == 2
+    assert len(list(loader)) == 3 and loader.epoch == 2         # the rest of epoch 1
+    labels = torch.cat([b["label_a"] for b in first]).tolist()
+    assert len(set(labels)) == len(labels) == 8
+
+
+@pytest.mark.parametrize("kind", ["list", "wds"])
+@pytest.mark.parametrize("consumed", [3, 5, 7])                 # mid-epoch, at the tail, epoch 1
+def test_resume_gives_the_identical_next_batches(indexed, kind, consumed):
+    src = indexed.list if kind == "list" else indexed.wds
+    make = lambda: TrainLoader(src, batch_size=4, mix=MIX, seed=2, shard_id=1, num_shards=2,  # noqa: E731
+                               **{**PLAIN, "num_threads": 2})
+    run = make()
+    n = len(run)
+    take(run, consumed)
+    state = run.state_dict()
+    assert state["runs"] >= consumed
+    expect = take(run, 2 * n)                                    # crosses an epoch boundary
+    fresh = make()
+    fresh.load_state_dict(state)
+    assert (fresh.epoch, fresh.batch_in_epoch) == (state["epoch"], state["batch_in_epoch"])
+    assert_same(take(fresh, 2 * n), expect)
+
+
+def test_resume_with_the_full_recipe(flavour_tree):
+    cfg = MixConfig.preset("mixpro", image_size=32, patch_size=8, mask_patch=16, seed=3)
+    run = TrainLoader(flavour_tree.root, batch_size=4, image_size=32, mix=cfg, device="cpu", seed=5)
+    take(run, 4)
+    state = run.state_dict()
+    expect = take(run, 4)
+    run.load_state_dict(state)                                   # same object, rebuilt
+    assert_same(take(run, 4), expect)
+
+
+def test_state_checks(indexed):
+    loader = TrainLoader(indexed.list, batch_size=4, **PLAIN)
+    state = loader.state_dict()
+    other = TrainLoader(indexed.list, batch_size=2, **PLAIN)
+    with pytest.raises(ValueError, match="batch_size=4 but this loader has batch_size=2"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="not a TrainLoader state"):
+        loader.load_state_dict({"runs": 3})
+    it = iter(loader)
+    next(it)
+    loader.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="load_state_dict.. was called during iteration"):
+        next(it)
+
+
+def broken_tree(root: Path, kind: str):
+    files, _ = jf.class_tree(root, classes=2, per_class=10)
+    bad = files[13]
+    Path(bad).write_bytes(jf.bad_bytes(kind, Path(bad).read_bytes()))
+    return bad
+
+
+@pytest.mark.parametrize("kind", jf.BAD_KINDS)
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_bad_file_error_names_the_file(tmp_path, kind, which):
+    bad = broken_tree(tmp_path / "data", kind)
+    loader = (TrainLoader(tmp_path / "data", batch_size=4, **PLAIN) if which == "train" else
+              ValLoader(tmp_path / "data", batch_size=4, image_size=32, device="cpu"))
+    with pytest.raises(BadImageError, match=r"cannot decode '.*img_003\.JPEG'.*pipelines\.scan") as err:
+        for _ in range(2):
+            list(loader)
+    assert err.value.path == bad and err.value.reason
+
+
+def test_bad_member_of_a_webdataset_shard_is_named(tmp_path):
+    files, _ = jf.class_tree(tmp_path / "img", classes=1, per_class=6)
+    Path(files[4]).write_bytes(jf.bad_bytes("header_only", Path(files[4]).read_bytes()))
+    jf.webdataset(tmp_path / "wds", files, [0] * 6, per_shard=3)
+    loader = ValLoader(tmp_path / "wds", batch_size=2, image_size=32, device="cpu")
+    with pytest.raises(BadImageError, match=r"shard-001\.tar:\d+:000004\.jpg.*header incomplete"):
+        list(loader)
+
+
+def test_scan_then_exclude_trains_through(tmp_path, capsys):
+    bad = broken_tree(tmp_path / "data", "text")
+    listing = tmp_path / "bad.txt"
+    assert scan_main([str(tmp_path / "data"), "-o", str(listing)]) == 1
+    loader = TrainLoader(tmp_path / "data", batch_size=4, exclude=listing, **PLAIN)
+    assert loader.num_samples == 19 and loader.source.excluded == 1
+    assert sum(len(b["image"]) for b in loader) == 16
+    val = ValLoader(tmp_path / "data", batch_size=4, image_size=32, device="cpu", exclude=[bad])
+    assert sum(len(b["image"]) for b in val) == 19
+
+
+def test_argument_errors(indexed, flavour_tree):
+    with pytest.raises(ValueError, match="fewer than batch_size=16: no full batch"):
+        TrainLoader(indexed.list, batch_size=16, num_shards=2, **PLAIN)
+    with pytest.raises(ValueError, match=r"shard_id must be an int in \[0, num_shards=2\), got 2"):
+        TrainLoader(indexed.list, shard_id=2, num_shards=2, **PLAIN)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        ValLoader(indexed.list, batch_size=0, device="cpu")
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        TrainLoader(indexed.list, batch_size=4, **{**PLAIN, "interpolation": "cubic"})
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ValLoader(indexed.list, batch_size=4, device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match=r"scale must satisfy 0 < min <= max <= 1, got \(0.5, 2\)"):
+        TrainLoader(indexed.list, batch_size=4, scale=(0.5, 2), **PLAIN)
+    with pytest.raises(ValueError, match=r"mix config image_size \(64, 64\) must equal the training image_size \(32, 32\)"):
+        TrainLoader(indexed.list, batch_size=4, mix=MixConfig(image_size=64), **PLAIN)
+    with pytest.raises(ValueError, match="crop_pct must be in"):
+        ValLoader(indexed.list, batch_size=4, device="cpu", crop_pct=1.5)
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            resolve_device("cuda")
+        assert resolve_device("auto") == (torch.device("cpu"), "cpu", None)
