@@ -157,6 +157,16 @@ def test_op_choice_and_coin_match_timm(transforms, prob, layers, weights):
     assert stats.chisquare(f_obs, f_exp).pvalue > 1e-4, (f_obs, f_exp)
 
 
+def test_deit_policy_leaves_a_quarter_unchanged():
+    """rand-m9-mstd0.5-inc1: every op changes this image, so unchanged = no op applied (0.5 ** 2)
+    or Invert twice ((0.5 / 15) ** 2)."""
+    image = (30 + smooth_images(1, 16, 16)[0] * (170 / 255)).astype(np.uint8)
+    outs = run([image] * 500, lambda x: rand_augment(x, seed=4), batches=4)
+    unchanged = sum(np.array_equal(o, image) for o in outs)
+    p = 0.25 + (0.5 / 15) ** 2
+    assert stats.binomtest(unchanged, len(outs), p).pvalue > 1e-4, unchanged
+
+
 # ---- magnitude noise: DALI's applied factor vs timm's, two-sample KS ------------------------
 def brightness_factors(images):
     ramp = RAMP.astype(np.float64).ravel()
