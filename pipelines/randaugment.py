@@ -15,6 +15,8 @@ same conditional split DALI's rand_augment uses); parameters are per-sample Data
 the CPU, so the same graph runs on cpu or gpu images. Worked example, ``rand-m9-mstd0.5-inc1``
 with level 9.4 and sign -1: Rotate -28.2 deg, PosterizeIncreasing keeps 4 - int(3.76) = 1 bit,
 SolarizeIncreasing threshold 256 - 240 = 16, BrightnessIncreasing factor 1 - 0.846 = 0.154.
+CPU cost (decode -> resize 224 -> RA, 2 threads): ~0.76x the img/s without RA; DALI's
+``rand_augment(n=2, m=9)`` ~0.60x (it applies every op; timm applies each with p=0.5).
 
 | aspect | vs timm 1.0.31 + PIL |
 |---|---|
