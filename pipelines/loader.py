@@ -22,7 +22,7 @@ import torch
 from mixpro_dali import MixConfig
 
 from .badfiles import explain_failure
-from .decode import IMAGENET_MEAN, IMAGENET_STD
+from .decode import DTYPES, IMAGENET_MEAN, IMAGENET_STD
 from .readers import READER_NAME, epoch_runs, resolve_source, shard_size
 from .train_pipeline import TRAIN_OUTPUTS, TrainOptions, build_train_pipeline, no_mix_config
 from .val_pipeline import VAL_OUTPUTS, build_val_pipeline
@@ -62,11 +62,14 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _to_torch(tl: Any) -> torch.Tensor:
-    """Copy a DALI TensorList (CPU or GPU) into a torch tensor on the same device."""
+def _to_torch(tl: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Copy a DALI TensorList (CPU or GPU) into a torch tensor on the same device (converted
+    to `dtype` in the same pass)."""
     if tl.is_dense_tensor():
-        return torch.from_dlpack(tl.as_tensor()).clone()
-    return torch.stack([torch.from_dlpack(tl[i]) for i in range(len(tl))])
+        t = torch.from_dlpack(tl.as_tensor())
+    else:
+        t = torch.stack([torch.from_dlpack(tl[i]) for i in range(len(tl))])
+    return t.to(dtype or t.dtype, copy=True)
 
 
 class _DaliLoader:
@@ -96,6 +99,8 @@ class _DaliLoader:
             raise ValueError(f"{self.num_samples} samples cannot fill num_shards={self.num_shards}")
         self.epoch_runs = epoch_runs(self.num_samples, self.num_shards, self.batch_size)
 
+    _image_dtype: torch.dtype | None = None
+
     def _run(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """One pipeline iteration as torch tensors (keep=False: run it, return nothing; for
         the padding and dropped tail nobody sees). A bad input file raises BadImageError."""
@@ -111,7 +116,8 @@ class _DaliLoader:
         self._since_build += 1
         if not keep:
             return {}
-        return {n: _to_torch(o) for n, o in zip(self._names, outs) if not n.startswith("_")}
+        return {n: _to_torch(o, self._image_dtype if n == "image" else None)
+                for n, o in zip(self._names, outs) if not n.startswith("_")}
 
     def _skip(self) -> None:
         self._run(keep=False)
@@ -156,6 +162,7 @@ class TrainLoader(_DaliLoader):
         if not isinstance(self.mix_config, MixConfig):
             raise TypeError(f"mix must be a MixConfig or None, got {type(mix).__name__}")
         self.seed = seed
+        self._image_dtype = getattr(torch, dtype)
         self._build()
         self._sizes(self._pipe)
         self._len = shard_size(self.num_samples, 0, self.num_shards) // batch_size
@@ -183,8 +190,6 @@ class TrainLoader(_DaliLoader):
             batch = self._run()
             for key in ("label_a", "label_b"):
                 batch[key] = batch[key].reshape(-1).long()   # (B, 1) int32 -> (B,) int64
-            if self.opts.dtype == "bfloat16":
-                batch["image"] = batch["image"].to(torch.bfloat16)
             yield batch
             if generation != self._generation:
                 raise RuntimeError("load_state_dict() was called during iteration; start a new "
@@ -236,7 +241,7 @@ class ValLoader(_DaliLoader):
                  exclude: str | os.PathLike | Iterable[str] | None = None) -> None:
         self._setup(source, batch_size=batch_size, device=device, shard_id=shard_id,
                     num_shards=num_shards, num_threads=num_threads, exclude=exclude)
-        self.dtype = dtype
+        self._image_dtype = getattr(torch, dtype) if dtype in DTYPES else None
         self._pipe, self._tracker = build_val_pipeline(
             self.source, batch_size=batch_size, image_size=_as_hw(image_size), crop_pct=crop_pct,
             interpolation=interpolation, mean=tuple(mean), std=tuple(std), dtype=dtype,
@@ -254,9 +259,6 @@ class ValLoader(_DaliLoader):
             batch = self._run()
             n = min(left, self.batch_size)
             left -= n
-            image = batch["image"][:n]
-            if self.dtype == "bfloat16":
-                image = image.to(torch.bfloat16)
-            yield {"image": image, "label": batch["label"][:n].reshape(-1).long()}
+            yield {"image": batch["image"][:n], "label": batch["label"][:n].reshape(-1).long()}
         while self._runs % self.epoch_runs:
             self._skip()
