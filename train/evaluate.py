@@ -133,10 +133,10 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, patch: int, mean: Sequ
     finally:
         if cls_attn is not None:
             cls_attn.remove()
+    if not hit:
+        raise ValueError("the evaluation data yielded no samples")
     conf_t, hit_t = torch.cat(conf).numpy(), torch.cat(hit).numpy().astype(np.float64)
     n = int(hit_t.size)
-    if n == 0:
-        raise ValueError("the evaluation data yielded no samples")
     return {
         "num_samples": n, "top1": float(hit_t.mean()),
         "top5": float(torch.cat(hit5).double().mean()), "nll": nll / n,

@@ -273,20 +273,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = prepare_study_data(work, train_per_class=args.train_per_class,
-                              cache_dir=args.cache_dir, raw_dir=args.raw_dir)
-    names = []
-    for seed in args.seeds:          # seed-major: partial results cover every method early
-        for method in args.methods:
-            name = f"{method}-s{seed}"
-            ok = True
-            if "train" in args.stages:
-                ok = train_run(method, seed, work, out, data, args.epochs, args.threads)
-            elif not (work / "runs" / name / "done.json").is_file():
-                ok = False
-            if ok and "evaluate" in args.stages:
-                evaluate_run(name, work, out, data, args.occlusion_samples, args.threads)
-            names.append(name)
+    if {"train", "evaluate"} & set(args.stages):
+        data = prepare_study_data(work, train_per_class=args.train_per_class,
+                                  cache_dir=args.cache_dir, raw_dir=args.raw_dir)
+        for seed in args.seeds:      # seed-major: partial results cover every method early
+            for method in args.methods:
+                name = f"{method}-s{seed}"
+                if "train" in args.stages:
+                    ok = train_run(method, seed, work, out, data, args.epochs, args.threads)
+                else:
+                    ok = (work / "runs" / name / "done.json").is_file()
+                if ok and "evaluate" in args.stages:
+                    evaluate_run(name, work, out, data, args.occlusion_samples, args.threads)
     if "aggregate" in args.stages:
         summary = aggregate(out, methods=args.methods, seeds=args.seeds)
         _log(f"wrote {out / 'summary.md'}, {out / 'summary.json'}, {out / 'occlusion.png'}")

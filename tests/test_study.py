@@ -1,0 +1,193 @@
+"""train.study: the data split (fake IDX files), the exact train command (resolved by the train
+CLI), skip / resume / failure handling of the runner (subprocesses faked), aggregation against
+numpy, and the aggregate-only CLI."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train import study
+from train.__main__ import resolve
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(n).to_bytes(4, "big")
+                                                      for n in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def raw(tmp_path) -> Path:
+    """Fake Fashion-MNIST: 10 train / 5 test images per class."""
+    d = tmp_path / "raw"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for split, per in (("train", 10), ("t10k", 5)):
+        labels = rng.permutation(np.repeat(np.arange(10), per))
+        images = np.zeros((len(labels), 28, 28), np.uint8)
+        images[:, 4:24, 4:24] = (20 * labels + 5)[:, None, None]
+        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+def _read(path: Path) -> list[tuple[str, int]]:
+    return [(ln.rsplit(maxsplit=1)[0], int(ln.rsplit(maxsplit=1)[1]))
+            for ln in path.read_text().splitlines()]
+
+
+def test_study_data_split(raw, tmp_path):
+    data = study.prepare_study_data(tmp_path / "work", train_per_class=4,
+                                    cache_dir=str(tmp_path / "cache"), raw_dir=str(raw),
+                                    tree_sizes=(100, 50), log=lambda *a: None)
+    train, val, mon, ood = (_read(data[k]) for k in ("train", "val", "monitor", "ood"))
+    assert np.bincount([y for _, y in train]).tolist() == [4] * 8
+    assert np.bincount([y for _, y in val]).tolist() == [5] * 8
+    assert mon == val  # 5 per class < MONITOR_PER_CLASS: all of val
+    assert sorted({y for _, y in ood}) == [8, 9] and len(ood) == 10
+    assert all(Path(f).is_file() and Path(f).is_absolute() for f, _ in train + val + ood)
+    assert all("/train/" in f for f, _ in train) and all("/val/" in f for f, _ in val + ood)
+    assert all(Path(f).parent.name.startswith(("08_", "09_")) for f, _ in ood)
+    with pytest.raises(ValueError, match=r"--train-per-class must be in \[1, 10\], got 11"):
+        study.prepare_study_data(tmp_path / "work", train_per_class=11,
+                                 cache_dir=str(tmp_path / "cache"), raw_dir=str(raw),
+                                 tree_sizes=(100, 50))
+
+
+def test_train_command_is_a_valid_train_cli_call(tmp_path):
+    data = {k: tmp_path / f"{k}.txt" for k in ("train", "val", "monitor", "ood")}
+    for p in data.values():
+        p.write_text("x.jpg 0\n")
+    cmd = study.train_command("transmix", 2, tmp_path / "run", data, epochs=5)
+    assert cmd[1:3] == ["-m", "train"]
+    cfg, args, _ = resolve(cmd[3:])
+    assert args.output == str(tmp_path / "run")
+    assert (cfg.mix.method, cfg.run.seed, cfg.run.epochs) == ("transmix", 2, 5)
+    assert cfg.model.num_classes == study.ID_CLASSES == 8
+    assert cfg.data.train == str(data["train"]) and cfg.data.val == str(data["monitor"])
+    assert cfg.data.batch_size == 64 and cfg.data.demo is False
+    # everything else is the demo recipe, identical for every method
+    other = study.train_command("none", 2, tmp_path / "run", data, epochs=5)
+    a, b = resolve(cmd[3:])[0].to_dict(), resolve(other[3:])[0].to_dict()
+    a["mix"].pop("method"), b["mix"].pop("method")
+    assert a == b
+
+
+class FakeRunner:
+    """Stands in for the subprocesses: records commands, writes what the real ones write."""
+
+    def __init__(self, rc: int = 0):
+        self.rc, self.calls = rc, []
+
+    def __call__(self, cmd, log_file, threads):
+        self.calls.append(cmd)
+        log_file = Path(log_file)
+        if "train.evaluate" in cmd:
+            target = Path(cmd[cmd.index("--json") + 1])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("{}")
+        else:
+            log_file.write_text("epoch 1/1: train loss 1.0 val loss 1.0 top-1 50.00\n")
+            for f in ("summary.csv", "config.yaml", "last.pth"):
+                (log_file.parent / f).write_text(f)
+        return self.rc
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    data = {k: tmp_path / f"{k}.txt" for k in ("train", "val", "monitor", "ood")}
+    return tmp_path / "work", tmp_path / "out", data
+
+
+def test_runner_trains_then_skips(monkeypatch, dirs):
+    work, out, data = dirs
+    fake = FakeRunner()
+    monkeypatch.setattr(study, "_run_logged", fake)
+    assert study.train_run("mixpro", 0, work, out, data, 5, 1)
+    assert fake.calls[0] == study.train_command("mixpro", 0, work / "runs" / "mixpro-s0", data,
+                                                5)
+    kept = out / "runs" / "mixpro-s0"
+    assert (kept / "summary.csv").read_text() == "summary.csv"
+    assert (kept / "command.txt").read_text().startswith("-m train --config demo_fashion_mnist")
+    assert json.loads((work / "runs" / "mixpro-s0" / "done.json").read_text())["command"] \
+        == fake.calls[0]
+    assert study.train_run("mixpro", 0, work, out, data, 5, 1)
+    assert len(fake.calls) == 1  # finished: skipped
+    assert study.evaluate_run("mixpro-s0", work, out, data, 400, 1)
+    ev_cmd = fake.calls[1]
+    assert ev_cmd[1:4] == ["-m", "train.evaluate", str(work / "runs" / "mixpro-s0" / "last.pth")]
+    assert ev_cmd[ev_cmd.index("--occlusion-samples") + 1] == "400"
+    assert ev_cmd[ev_cmd.index("--ood") + 1] == str(data["ood"])
+    assert study.evaluate_run("mixpro-s0", work, out, data, 400, 1)
+    assert len(fake.calls) == 2  # evaluated: skipped
+
+
+def test_runner_resumes_a_killed_run_and_reports_failures(monkeypatch, dirs):
+    work, out, data = dirs
+    run = work / "runs" / "deit-s1"
+    run.mkdir(parents=True)
+    (run / "last.pth").write_text("partial")
+    fake = FakeRunner(rc=1)
+    monkeypatch.setattr(study, "_run_logged", fake)
+    assert not study.train_run("deit", 1, work, out, data, 5, 1)
+    assert fake.calls[0][1:] == ["-m", "train", "--resume", str(run)]
+    assert not (run / "done.json").exists()
+    fake.rc = 0
+    assert study.train_run("deit", 1, work, out, data, 5, 1)
+    assert fake.calls[1][1:] == ["-m", "train", "--resume", str(run)]
+    assert (run / "done.json").is_file()
+
+
+def _fake_eval(top1, ece, auroc, curve):
+    return {"top1": top1, "top5": 1.0, "nll": 0.5, "ece": ece,
+            "ood": {"auroc": auroc, "aupr_in": 0.9, "aupr_out": 0.4, "fpr95": 0.8},
+            "occlusion": {"drop": "pixels", "samples": 400, "ratios": [0.0, 0.5, 0.9],
+                          "accuracy": {"random": curve, "salient": [c / 2 for c in curve]}}}
+
+
+def test_aggregate_against_numpy(tmp_path):
+    out = tmp_path / "out"
+    vals = {"none": [(0.70, 0.05, 0.6, [0.7, 0.5, 0.2]), (0.72, 0.03, 0.7, [0.72, 0.4, 0.1]),
+                     (0.68, 0.04, 0.5, [0.68, 0.45, 0.3])],
+            "mixpro": [(0.65, 0.10, 0.55, [0.65, 0.6, 0.3])]}
+    for m, rows in vals.items():
+        for s, r in enumerate(rows):
+            p = out / "runs" / f"{m}-s{s}" / "eval.json"
+            p.parent.mkdir(parents=True)
+            p.write_text(json.dumps(_fake_eval(*r)))
+    summary = study.aggregate(out, methods=["none", "deit", "mixpro"], seeds=[0, 1, 2])
+    assert list(summary) == ["none", "mixpro"]  # deit has no evaluated run
+    top1 = [r[0] for r in vals["none"]]
+    assert summary["none"]["top1"]["mean"] == pytest.approx(np.mean(top1))
+    assert summary["none"]["top1"]["std"] == pytest.approx(np.std(top1, ddof=1))
+    assert summary["none"]["auroc"]["values"] == [0.6, 0.7, 0.5]
+    curves = np.array([r[3] for r in vals["none"]])
+    occ = summary["none"]["occlusion"]
+    assert occ["random"]["mean"] == pytest.approx(curves.mean(0).tolist())
+    assert occ["random"]["std"] == pytest.approx(curves.std(0, ddof=1).tolist())
+    assert occ["random"]["mean_occ"]["mean"] == pytest.approx(curves[:, 1:].mean())
+    assert occ["salient"]["mean_occ"]["mean"] == pytest.approx(curves[:, 1:].mean() / 2)
+    assert summary["mixpro"]["seeds"] == [0] and math.isnan(summary["mixpro"]["ece"]["std"])
+    table = (out / "summary.md").read_text()
+    assert table == study.summary_table(summary)
+    assert "| none | 3 | 70.00 ± 2.00 |" in table
+    assert "| mixpro | 1 | 65.00 | 100.00 | 0.500 | 10.00 |" in table
+    assert json.loads((out / "summary.json").read_text())["none"]["seeds"] == [0, 1, 2]
+    assert (out / "occlusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_aggregate_only_cli(tmp_path, capsys):
+    out = tmp_path / "out"
+    p = out / "runs" / "none-s0" / "eval.json"
+    p.parent.mkdir(parents=True)
+    p.write_text(json.dumps(_fake_eval(0.7, 0.05, 0.6, [0.7, 0.5, 0.2])))
+    assert study.main(["--out", str(out), "--work", str(tmp_path / "w"), "--stages",
+                       "aggregate"]) == 0
+    assert "| none | 1 | 70.00 |" in capsys.readouterr().out
+    assert not (tmp_path / "w").exists()  # no data preparation for aggregate only
