@@ -75,6 +75,25 @@ def _occluded_logits(model: nn.Module, images: torch.Tensor, keep: torch.Tensor,
     return model(apply_pixel_drop(images, keep, fill))
 
 
+def _occlusion_hits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    logits: torch.Tensor, attn: torch.Tensor | None, *, mode: str,
+                    ratios: Sequence[float], patch: int, drop: str, fill: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Correct predictions per drop ratio (len(ratios),) float64 for one batch and one mode;
+    `logits` are the clean ones (ratio 0 reuses them)."""
+    grid = (images.shape[2] // patch, images.shape[3] // patch)
+    N = grid[0] * grid[1]
+    order = drop_order(mode, attn, batch=len(labels), num_tokens=N, generator=generator)
+    order = order.to(images.device)  # (B, N)
+    hits = torch.zeros(len(ratios), dtype=torch.float64)
+    for j, r in enumerate(ratios):
+        k = drop_count(r, N)
+        lg = logits if k == 0 else _occluded_logits(model, images, keep_mask(order, k, grid),
+                                                    drop, fill.to(images.device))
+        hits[j] = float((lg.argmax(dim=1) == labels).sum())
+    return hits
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Iterable, *, patch: int, mean: Sequence[float],
                    std: Sequence[float], ratios: Sequence[float] = DEFAULT_RATIOS,
@@ -113,23 +132,13 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, patch: int, mean: Sequ
             pos += B
             if not sel or not modes:
                 continue
-            sel_t = torch.tensor(sel, device=images.device)
-            imgs, labs = images[sel_t], labels[sel_t]
-            grid = (imgs.shape[2] // patch, imgs.shape[3] // patch)
-            N = grid[0] * grid[1]
             n_occ += len(sel)
+            sel_t = torch.tensor(sel, device=images.device)
+            attn_sel = attn[sel_t] if attn is not None else None
             for m in modes:
-                order = drop_order(m, attn[sel_t] if attn is not None else None,
-                                   batch=len(sel), num_tokens=N, generator=gen)
-                order = order.to(images.device)
-                for j, r in enumerate(ratios):
-                    k = drop_count(r, N)
-                    if k == 0:
-                        lg = logits[sel_t]
-                    else:
-                        lg = _occluded_logits(model, imgs, keep_mask(order, k, grid), drop,
-                                              fill.to(images.device))
-                    counts[m][j] += float((lg.argmax(dim=1) == labs).sum())
+                counts[m] += _occlusion_hits(model, images[sel_t], labels[sel_t],
+                                             logits[sel_t], attn_sel, mode=m, ratios=ratios,
+                                             patch=patch, drop=drop, fill=fill, generator=gen)
     finally:
         if cls_attn is not None:
             cls_attn.remove()
