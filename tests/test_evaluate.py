@@ -377,6 +377,11 @@ def test_cli_end_to_end(ckpt_and_data, capsys):
     msp = logits.softmax(1).max(1).values
     assert res["ood"]["auroc"] == pytest.approx(mt.auroc(msp.numpy(), ood.numpy()), rel=1e-6)
     assert res["ood"]["num_out"] == 10
+    # per OOD class (class_0: 5 images, class_1: 5)
+    assert sorted(res["ood"]["by_label"]) == ["0", "1"]
+    assert res["ood"]["by_label"]["1"]["auroc"] == pytest.approx(
+        mt.auroc(msp.numpy(), ood[5:].numpy()), rel=1e-6)
+    assert "| OOD AUROC, OOD label 0 only |" in printed
     assert res["occlusion"]["accuracy"]["salient"][0] == pytest.approx(res["top1"])
 
 

@@ -145,7 +145,9 @@ def test_runner_resumes_a_killed_run_and_reports_failures(monkeypatch, dirs):
 
 
 def _fake_eval(top1, ece, auroc, curve):
-    return {"top1": top1, "top5": 1.0, "nll": 0.5, "ece": ece,
+    bins = [{"lower": 0.0, "upper": 0.5, "count": 2, "confidence": 0.4, "accuracy": top1},
+            {"lower": 0.5, "upper": 1.0, "count": 1, "confidence": 0.9, "accuracy": 1.0}]
+    return {"top1": top1, "top5": 1.0, "nll": 0.5, "ece": ece, "calibration_bins": bins,
             "ood": {"auroc": auroc, "aupr_in": 0.9, "aupr_out": 0.4, "fpr95": 0.8},
             "occlusion": {"drop": "pixels", "samples": 400, "ratios": [0.0, 0.5, 0.9],
                           "accuracy": {"random": curve, "salient": [c / 2 for c in curve]}}}
@@ -180,6 +182,11 @@ def test_aggregate_against_numpy(tmp_path):
     assert "| mixpro | 1 | 65.00 | 100.00 | 0.500 | 10.00 |" in table
     assert json.loads((out / "summary.json").read_text())["none"]["seeds"] == [0, 1, 2]
     assert (out / "occlusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    pooled = summary["none"]["calibration_bins"]
+    assert pooled[0]["count"] == 6 and pooled[0]["accuracy"] == pytest.approx(np.mean(top1))
+    assert pooled[1] == {"lower": 0.5, "upper": 1.0, "count": 3, "confidence": 0.9,
+                         "accuracy": 1.0}
 
 
 def test_aggregate_only_cli(tmp_path, capsys):

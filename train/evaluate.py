@@ -29,8 +29,8 @@ from .metrics import calibration_bins, expected_calibration_error, ood_metrics
 from .robustness import (DROP_KINDS, DROP_MODES, apply_pixel_drop, drop_count, drop_order,
                          forward_kept_tokens, keep_mask)
 
-__all__ = ["load_model", "evaluate_model", "msp_scores", "occlusion_subset", "format_report",
-           "plot_curves", "main", "DEFAULT_RATIOS"]
+__all__ = ["load_model", "evaluate_model", "msp_scores", "ood_report", "occlusion_subset", "format_report",
+           "plot_curves", "plot_reliability", "main", "DEFAULT_RATIOS"]
 
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0 .. 0.9
 
@@ -160,12 +160,26 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, patch: int, mean: Sequ
 
 
 @torch.no_grad()
-def msp_scores(model: nn.Module, loader: Iterable) -> np.ndarray:
-    """Maximum softmax probability of every sample: (n,)."""
+def msp_scores(model: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
+    """(maximum softmax probability (n,), label (n,)) of every sample."""
     model.eval()
-    out = [model(b["image"].float()).float().softmax(dim=1).max(dim=1).values.cpu()
-           for b in loader]
-    return torch.cat(out).numpy()
+    scores, labels = [], []
+    for b in loader:
+        scores.append(model(b["image"].float()).float().softmax(dim=1).max(dim=1).values.cpu())
+        labels.append(b["label"].reshape(-1).cpu())
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+
+
+def ood_report(score_in: np.ndarray, score_out: np.ndarray,
+               label_out: np.ndarray) -> dict[str, Any]:
+    """ood_metrics over the whole OOD set, and per OOD label when it has several (e.g. a
+    near and a far class)."""
+    res = ood_metrics(score_in, score_out)
+    classes = np.unique(label_out)
+    if classes.size > 1:
+        res["by_label"] = {str(int(c)): ood_metrics(score_in, score_out[label_out == c])
+                           for c in classes}
+    return res
 
 
 def format_report(res: dict[str, Any]) -> str:
@@ -178,6 +192,8 @@ def format_report(res: dict[str, Any]) -> str:
         lines += [f"| OOD AUROC (MSP) | {100 * o['auroc']:.2f} |",
                   f"| OOD AUPR-In / AUPR-Out | {100 * o['aupr_in']:.2f} / "
                   f"{100 * o['aupr_out']:.2f} |", f"| OOD FPR@95 | {100 * o['fpr95']:.2f} |"]
+        lines += [f"| OOD AUROC, OOD label {c} only | {100 * v['auroc']:.2f} |"
+                  for c, v in o.get("by_label", {}).items()]
     occ = res["occlusion"]
     if occ["accuracy"]:
         modes = list(occ["accuracy"])
@@ -209,6 +225,38 @@ def plot_curves(panels: dict[str, dict[str, tuple]], path: str | Path, *,
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(bins: dict[str, list[dict[str, float]]], path: str | Path, *,
+                     title: str = "") -> Path:
+    """Reliability diagrams, one panel per label: accuracy per confidence bin (bars, width =
+    bin) against the diagonal; bins as from train.metrics.calibration_bins."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(bins), figsize=(3.2 * len(bins), 3.4), squeeze=False,
+                             sharey=True)
+    for ax, (label, bs) in zip(axes[0], bins.items()):
+        n = max(sum(b["count"] for b in bs), 1)
+        full = [b for b in bs if b["count"]]
+        ax.bar([b["lower"] for b in full], [b["accuracy"] for b in full],
+               width=[b["upper"] - b["lower"] for b in full], align="edge", alpha=0.7,
+               edgecolor="k", linewidth=0.5)
+        ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+        ece = sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bs)
+        ax.set_title(f"{label}: ECE {100 * ece:.2f}%", fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("accuracy")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -275,9 +323,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          occlusion_index=index, seed=args.seed)
     s_in = res.pop("msp")
     if args.ood:
-        s_out = msp_scores(model, _loader(args.ood, cfg, args.batch_size, dev.type,
-                                          args.num_threads))
-        res["ood"] = {**ood_metrics(s_in, s_out), "source": args.ood}
+        s_out, y_out = msp_scores(model, _loader(args.ood, cfg, args.batch_size, dev.type,
+                                                 args.num_threads))
+        res["ood"] = {**ood_report(s_in, s_out, y_out), "source": args.ood}
     res.update({"checkpoint": str(ck), "data": args.data, "model": cfg.model.name,
                 "method": cfg.mix.method, "preset": cfg.mix.preset, "seed": cfg.run.seed,
                 "seconds": time.perf_counter() - t0})

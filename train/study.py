@@ -180,12 +180,25 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(a.mean()), "std": std, "n": int(a.size), "values": a.tolist()}
 
 
+def _pool_bins(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Calibration bins of several runs merged (counts summed, means count-weighted)."""
+    out = []
+    for bs in zip(*runs):
+        n = sum(b["count"] for b in bs)
+        w = max(n, 1)
+        out.append({"lower": bs[0]["lower"], "upper": bs[0]["upper"], "count": n,
+                    "confidence": sum(b["confidence"] * b["count"] for b in bs) / w,
+                    "accuracy": sum(b["accuracy"] * b["count"] for b in bs) / w})
+    return out
+
+
 def aggregate(out: Path, *, methods: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
     """Mean and sample std over seeds of every metric and occlusion point, per method, from
     <out>/runs/<method>-s<seed>/eval.json; writes summary.json, summary.md and occlusion.png.
     Occlusion 'mean_occ' = the mean accuracy over the nonzero drop ratios (area under the
-    curve / range). Methods without any evaluated run are left out."""
-    from .evaluate import plot_curves
+    curve / range). Calibration bins are pooled over seeds (reliability.png). Methods without
+    any evaluated run are left out."""
+    from .evaluate import plot_curves, plot_reliability
     summary: dict[str, Any] = {}
     for method in methods:
         evals = [(s, json.loads(p.read_text())) for s in seeds
@@ -198,6 +211,7 @@ def aggregate(out: Path, *, methods: Sequence[str], seeds: Sequence[int]) -> dic
         for key, _ in SCALARS:
             if all(key in f for f in flat):
                 row[key] = _mean_std([f[key] for f in flat])
+        row["calibration_bins"] = _pool_bins([e["calibration_bins"] for _, e in evals])
         occ = [e["occlusion"] for _, e in evals]
         ratios = occ[0]["ratios"]
         row["occlusion"] = {"ratios": ratios, "drop": occ[0]["drop"],
@@ -223,6 +237,8 @@ def aggregate(out: Path, *, methods: Sequence[str], seeds: Sequence[int]) -> dic
         plot_curves(panels, out / "occlusion.png",
                     title="Fashion-MNIST (8 classes), top-1 vs patch-drop ratio, mean +- std "
                           "over seeds")
+        plot_reliability({m: r["calibration_bins"] for m, r in summary.items()},
+                         out / "reliability.png", title="reliability, seeds pooled")
     return summary
 
 
