@@ -148,7 +148,8 @@ def _fake_eval(top1, ece, auroc, curve):
     bins = [{"lower": 0.0, "upper": 0.5, "count": 2, "confidence": 0.4, "accuracy": top1},
             {"lower": 0.5, "upper": 1.0, "count": 1, "confidence": 0.9, "accuracy": 1.0}]
     return {"top1": top1, "top5": 1.0, "nll": 0.5, "ece": ece, "calibration_bins": bins,
-            "ood": {"auroc": auroc, "aupr_in": 0.9, "aupr_out": 0.4, "fpr95": 0.8},
+            "ood": {"auroc": auroc, "aupr_in": 0.9, "aupr_out": 0.4, "fpr95": 0.8,
+                    "by_label": {"8": {"auroc": auroc + 0.1}, "9": {"auroc": auroc - 0.1}}},
             "occlusion": {"drop": "pixels", "samples": 400, "ratios": [0.0, 0.5, 0.9],
                           "accuracy": {"random": curve, "salient": [c / 2 for c in curve]}}}
 
@@ -169,6 +170,8 @@ def test_aggregate_against_numpy(tmp_path):
     assert summary["none"]["top1"]["mean"] == pytest.approx(np.mean(top1))
     assert summary["none"]["top1"]["std"] == pytest.approx(np.std(top1, ddof=1))
     assert summary["none"]["auroc"]["values"] == [0.6, 0.7, 0.5]
+    assert summary["none"]["auroc_8"]["mean"] == pytest.approx(0.7)
+    assert summary["none"]["auroc_9"]["values"] == pytest.approx([0.5, 0.6, 0.4])
     curves = np.array([r[3] for r in vals["none"]])
     occ = summary["none"]["occlusion"]
     assert occ["random"]["mean"] == pytest.approx(curves.mean(0).tolist())
@@ -180,6 +183,7 @@ def test_aggregate_against_numpy(tmp_path):
     assert table == study.summary_table(summary)
     assert "| none | 3 | 70.00 ± 2.00 |" in table
     assert "| mixpro | 1 | 65.00 | 100.00 | 0.500 | 10.00 |" in table
+    assert "| AUROC bag only | AUROC ankle boot only |" in table
     assert json.loads((out / "summary.json").read_text())["none"]["seeds"] == [0, 1, 2]
     assert (out / "occlusion.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"

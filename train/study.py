@@ -171,7 +171,8 @@ def evaluate_run(name: str, work: Path, out: Path, data: dict[str, Path],
 
 SCALARS = (("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
            ("auroc", "OOD AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"),
-           ("fpr95", "FPR@95"))
+           ("fpr95", "FPR@95"), ("auroc_8", "AUROC bag only"),
+           ("auroc_9", "AUROC ankle boot only"))
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
@@ -205,7 +206,9 @@ def aggregate(out: Path, *, methods: Sequence[str], seeds: Sequence[int]) -> dic
                  if (p := out / "runs" / f"{method}-s{s}" / "eval.json").is_file()]
         if not evals:
             continue
-        flat = [{**{k: e[k] for k in ("top1", "top5", "nll", "ece")}, **e.get("ood", {})}
+        flat = [{**{k: e[k] for k in ("top1", "top5", "nll", "ece")}, **e.get("ood", {}),
+                 **{f"auroc_{c}": v["auroc"]
+                    for c, v in e.get("ood", {}).get("by_label", {}).items()}}
                 for _, e in evals]
         row: dict[str, Any] = {"seeds": [s for s, _ in evals]}
         for key, _ in SCALARS:
@@ -255,11 +258,12 @@ def summary_table(summary: dict[str, Any]) -> str:
         return "no evaluated runs yet\n"
     modes = [m for m in next(iter(summary.values()))["occlusion"]
              if m not in ("ratios", "drop", "samples")]
-    head = ["method", "seeds"] + [t for _, t in SCALARS] + [f"occl. {m}" for m in modes]
+    scalars = [(k, t) for k, t in SCALARS if any(k in r for r in summary.values())]
+    head = ["method", "seeds"] + [t for _, t in scalars] + [f"occl. {m}" for m in modes]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for method, r in summary.items():
         cells = [method, str(len(r["seeds"]))]
-        for key, _ in SCALARS:
+        for key, _ in scalars:
             cells.append(_fmt(r.get(key), 1.0, 3) if key == "nll" else _fmt(r.get(key)))
         cells += [_fmt(r["occlusion"][m]["mean_occ"]) for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
