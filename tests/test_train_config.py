@@ -41,7 +41,7 @@ def test_overrides_are_typed():
     cfg, _, _ = resolve(["--optim.lr", "5e-4", "--model.kwargs.depth", "3", "--run.ema=true",
                          "--data.scale", "[0.5, 1]", "--optim.clip_grad", "null"])
     assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
-    assert cfg.model.kwargs["depth"] == 3 and cfg.model.kwargs["patch_size"] == 4
+    assert cfg.model.kwargs["depth"] == 3 and cfg.model.kwargs["patch_size"] == 7
     assert cfg.run.ema is True and cfg.data.scale == (0.5, 1.0) and cfg.optim.clip_grad is None
 
 

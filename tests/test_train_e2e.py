@@ -186,3 +186,22 @@ def test_export_cli(tree, tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **KWARGS)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not missing and not unexpected
+
+
+def test_output_folder_of_another_run_is_not_overwritten(tree, tmp_path):
+    d = tiny_config(tree, tmp_path / "run", "none", data={"batch_size": 12})
+    run(TrainConfig.from_dict(d))
+    with pytest.raises(ValueError, match=r"already holds a run \(last.pth\): continue it with "
+                                         r"--resume"):
+        run(TrainConfig.from_dict(d))
+
+
+def test_resume_checks_world_size(tree, tmp_path):
+    d = tiny_config(tree, tmp_path / "run", "none", data={"batch_size": 12})
+    run(TrainConfig.from_dict(d))
+    ck = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    ck["ranks"] = ck["ranks"] * 2
+    torch.save(ck, tmp_path / "two.pth")
+    with pytest.raises(ValueError, match=r"written by 2 processes, this run has 1: resume with "
+                                         r"the same number of processes"):
+        run(TrainConfig.from_dict(d), resume=str(tmp_path / "two.pth"))

@@ -73,20 +73,25 @@ def resolve_data(cfg: TrainConfig, dist: DistInfo) -> tuple[str, str]:
                 raise FileNotFoundError(f"data.{name}={src!r} does not exist: give a class-"
                                         "folder root, a file list or WebDataset shards")
         return d.train, d.val
-    result: Any = None
-    if dist.is_main:
-        from pipelines.fashion_mnist import prepare_fashion_mnist
+    from pipelines.fashion_mnist import prepare_fashion_mnist
+
+    def prepare(download: bool) -> Any:
         try:
-            root = prepare_fashion_mnist(d.cache_dir, train_size=d.demo_train_size,
-                                         val_size=d.demo_val_size, image_size=d.image_size,
-                                         raw_dir=d.demo_raw_dir)
-            result = str(root)
+            return str(prepare_fashion_mnist(d.cache_dir, train_size=d.demo_train_size,
+                                             val_size=d.demo_val_size, image_size=d.image_size,
+                                             raw_dir=d.demo_raw_dir, download=download))
         except (FileNotFoundError, ValueError) as e:
-            result = e
-    result = broadcast_object(result)
-    if isinstance(result, Exception):
-        raise result
-    return str(Path(result) / "train"), str(Path(result) / "val")
+            return e
+
+    # one builder per node (local rank 0); the others then find the finished tree
+    first = prepare(True) if dist.local_rank == 0 else None
+    errors = [r for r in all_gather_object(first) if isinstance(r, Exception)]
+    if errors:
+        raise errors[0]
+    root = first if dist.local_rank == 0 else prepare(False)
+    if isinstance(root, Exception):
+        raise root
+    return str(Path(root) / "train"), str(Path(root) / "val")
 
 
 def build_loaders(cfg: TrainConfig, dist: DistInfo, mix_cfg, train_src: str, val_src: str):
@@ -169,11 +174,22 @@ def _resume(path: str, eng: Engine, train_loader, dist: DistInfo) -> TrainState:
                          f"{dist.world_size}: resume with the same number of processes")
     eng.model.load_state_dict(ck["model"])
     eng.optimizer.load_state_dict(ck["optimizer"])
-    eng.scheduler.load_state_dict(ck["scheduler"])
-    eng.scaler.load_state_dict(ck["scaler"])
-    if eng.ema is not None and ck.get("ema"):
-        eng.ema.load_state_dict(ck["ema"])
+    keys = ("t_initial", "warmup_t", "lr_min", "warmup_lr_init", "base_values")
+    new, old = eng.scheduler.state_dict(), ck["scheduler"]
+    if all(new.get(k) == old.get(k) for k in keys):
+        eng.scheduler.load_state_dict(old)
+    elif dist.is_main:
+        print(f"resume: the schedule changed (run.epochs / optim.* / batch size); continuing "
+              f"with the new one from step {ck['state']['step']}", flush=True)
+    if eng.scaler.is_enabled() and ck.get("scaler"):
+        eng.scaler.load_state_dict(ck["scaler"])
+    if eng.ema is not None:
+        if ck.get("ema"):
+            eng.ema.load_state_dict(ck["ema"])
+        else:  # EMA switched on at resume: start it from the resumed weights
+            eng.ema.set(eng.model)
     st = TrainState.from_dict(ck["state"])
+    eng.scheduler.step_update(num_updates=st.step)
     mine = ranks[dist.rank]
     train_loader.load_state_dict(mine["loader"])
     ckpt_io.restore_rng(mine["rng"])
@@ -194,6 +210,9 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
     t_run = time.perf_counter()
     torch.manual_seed(cfg.run.seed + dist.rank)
     out = Path(broadcast_object(str(_output_dir(cfg, output, name))))
+    if not resume and (out / "last.pth").exists():
+        raise ValueError(f"{out} already holds a run (last.pth): continue it with --resume "
+                         f"{out}, or choose another --output")
     train_src, val_src = resolve_data(cfg, dist)
     model, patch = build_model(cfg)
     model.to(dist.device)
