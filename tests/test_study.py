@@ -64,16 +64,24 @@ def test_train_command_is_a_valid_train_cli_call(tmp_path):
     data = {k: tmp_path / f"{k}.txt" for k in ("train", "val", "monitor", "ood")}
     for p in data.values():
         p.write_text("x.jpg 0\n")
-    cmd = study.train_command("transmix", 2, tmp_path / "run", data, epochs=5)
-    assert cmd[1:3] == ["-m", "train"]
+    recipe = study.write_recipe(tmp_path / "work")
+    cmd = study.train_command("transmix", 2, tmp_path / "run", data, epochs=5, recipe=recipe)
+    assert cmd[1:5] == ["-m", "train", "--config", str(recipe)]
     cfg, args, _ = resolve(cmd[3:])
     assert args.output == str(tmp_path / "run")
     assert (cfg.mix.method, cfg.run.seed, cfg.run.epochs) == ("transmix", 2, 5)
     assert cfg.model.num_classes == study.ID_CLASSES == 8
     assert cfg.data.train == str(data["train"]) and cfg.data.val == str(data["monitor"])
     assert cfg.data.batch_size == 64 and cfg.data.demo is False
-    # everything else is the demo recipe, identical for every method
-    other = study.train_command("none", 2, tmp_path / "run", data, epochs=5)
+    # the recipe is pinned: every field of STUDY_RECIPE reaches the resolved config as given
+    full = cfg.to_dict()
+    for section, fields in study.STUDY_RECIPE.items():
+        for k, v in fields.items():
+            if k not in ("method",) and not (section, k) == ("run", "epochs"):
+                got = full[section][k]
+                assert (list(got) if isinstance(got, tuple) else got) == v, (section, k)
+    # everything but the method is identical for every method
+    other = study.train_command("none", 2, tmp_path / "run", data, epochs=5, recipe=recipe)
     a, b = resolve(cmd[3:])[0].to_dict(), resolve(other[3:])[0].to_dict()
     a["mix"].pop("method"), b["mix"].pop("method")
     assert a == b
@@ -109,15 +117,15 @@ def test_runner_trains_then_skips(monkeypatch, dirs):
     work, out, data = dirs
     fake = FakeRunner()
     monkeypatch.setattr(study, "_run_logged", fake)
-    assert study.train_run("mixpro", 0, work, out, data, 5, 1)
+    assert study.train_run("mixpro", 0, work, out, data, 5, 1, work / "r.yaml")
     assert fake.calls[0] == study.train_command("mixpro", 0, work / "runs" / "mixpro-s0", data,
-                                                5)
+                                                5, work / "r.yaml")
     kept = out / "runs" / "mixpro-s0"
     assert (kept / "summary.csv").read_text() == "summary.csv"
-    assert (kept / "command.txt").read_text().startswith("-m train --config demo_fashion_mnist")
+    assert (kept / "command.txt").read_text().startswith("-m train --config ")
     assert json.loads((work / "runs" / "mixpro-s0" / "done.json").read_text())["command"] \
         == fake.calls[0]
-    assert study.train_run("mixpro", 0, work, out, data, 5, 1)
+    assert study.train_run("mixpro", 0, work, out, data, 5, 1, work / "r.yaml")
     assert len(fake.calls) == 1  # finished: skipped
     assert study.evaluate_run("mixpro-s0", work, out, data, 400, 1)
     ev_cmd = fake.calls[1]
@@ -135,11 +143,11 @@ def test_runner_resumes_a_killed_run_and_reports_failures(monkeypatch, dirs):
     (run / "last.pth").write_text("partial")
     fake = FakeRunner(rc=1)
     monkeypatch.setattr(study, "_run_logged", fake)
-    assert not study.train_run("deit", 1, work, out, data, 5, 1)
+    assert not study.train_run("deit", 1, work, out, data, 5, 1, work / "r.yaml")
     assert fake.calls[0][1:] == ["-m", "train", "--resume", str(run)]
     assert not (run / "done.json").exists()
     fake.rc = 0
-    assert study.train_run("deit", 1, work, out, data, 5, 1)
+    assert study.train_run("deit", 1, work, out, data, 5, 1, work / "r.yaml")
     assert fake.calls[1][1:] == ["-m", "train", "--resume", str(run)]
     assert (run / "done.json").is_file()
 

@@ -6,8 +6,8 @@ What it does, each stage skipping what is already done (kill it and rerun: it go
   1. data: Fashion-MNIST from the Debian package (pipelines.fashion_mnist), 8 in-distribution
      classes (`ID_CLASSES`) for training and validation, the other 2 (bag, ankle boot: unseen
      in training) as the out-of-distribution set. `path label` lists under <work>/data.
-  2. train: methods x seeds with `python -m train` (the demo model and recipe, one budget for
-     all); a killed run resumes from its last.pth (mid-epoch checkpoints every 20 steps).
+  2. train: methods x seeds with `python -m train` (STUDY_RECIPE, one budget for all, written
+     to <work>/recipe.yaml); a killed run resumes from its last.pth (mid-epoch checkpoints every 20 steps).
   3. evaluate: `python -m train.evaluate` on each run's final weights (last epoch, not the best:
      the same budget for every method), JSON per run under <out>/runs.
   4. aggregate: mean +- std over seeds per method -> <out>/summary.json, summary.md, PNG plots.
@@ -31,21 +31,30 @@ import numpy as np
 
 from .config import METHODS
 
-__all__ = ["STUDY_OVERRIDES", "ID_CLASSES", "prepare_study_data", "train_command", "train_run",
+__all__ = ["STUDY_RECIPE", "write_recipe", "ID_CLASSES", "prepare_study_data", "train_command", "train_run",
            "evaluate_run", "aggregate", "summary_table", "main"]
 
 ID_CLASSES = 8  # classes 0..7 in distribution; 8 (bag) and 9 (ankle boot) held out as OOD
 MONITOR_PER_CLASS = 125
-STUDY_OVERRIDES: dict[str, Any] = {  # on top of train/configs/demo_fashion_mnist.yaml
-    "data.demo": False,
-    "model.num_classes": ID_CLASSES,
-    "data.batch_size": 64,       # 125 steps/epoch: more optimizer steps for the small budget
-    "optim.warmup_epochs": 0.5,
-    "run.progress": "lines",
-    "run.log_every": 50,
-    "run.tensorboard": False,
-    "run.ckpt_steps": 20,
+STUDY_RECIPE: dict[str, Any] = {
+    # The whole training recipe, pinned here (not taken from the packaged demo config, which
+    # may be retuned): the Fashion-MNIST demo recipe of commit 7bab72b (32 px, patch 4 -> 8x8
+    # tokens, 8-px MaskMix cells = 2x2 tokens, no RandAugment/erasing) with batch 64, 8 classes
+    # and a half-epoch warm-up. Only method, seed, epochs and data paths vary per run.
+    "data": {"image_size": 32, "batch_size": 64, "val_batch_size": 500, "num_threads": 2,
+             "auto_augment": None, "re_prob": 0.0, "interpolation": "bilinear",
+             "scale": [0.6, 1.0], "ratio": [0.75, 1.3333333], "hflip": 0.5, "crop_pct": 1.0,
+             "mean": [0.22, 0.22, 0.22], "std": [0.33, 0.33, 0.33]},
+    "model": {"name": "vit_tiny_patch16_224", "num_classes": 8, "drop_path": 0.0,
+              "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4,
+                         "num_heads": 3}},
+    "mix": {"method": "mixpro", "preset": "paper", "mask_patch": 8, "smoothing": 0.1},
+    "optim": {"lr": 2.0e-3, "lr_base_batch": None, "weight_decay": 0.05, "warmup_epochs": 0.5,
+              "warmup_lr": 1.0e-5, "min_lr": 1.0e-5},
+    "run": {"epochs": 5, "amp": "bf16", "log_every": 50, "ckpt_steps": 20,
+            "progress": "lines", "tensorboard": False},
 }
+assert STUDY_RECIPE["model"]["num_classes"] == ID_CLASSES
 
 
 def _log(*msg: Any) -> None:
@@ -92,15 +101,23 @@ def prepare_study_data(work: Path, *, train_per_class: int, cache_dir: str | Non
     return out
 
 
+def write_recipe(work: Path) -> Path:
+    """STUDY_RECIPE as <work>/recipe.yaml (the --config of every training run)."""
+    import yaml
+    path = work / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(STUDY_RECIPE, sort_keys=False))
+    return path
+
+
 def train_command(method: str, seed: int, run_dir: Path, data: dict[str, Path],
-                  epochs: int) -> list[str]:
+                  epochs: int, recipe: Path) -> list[str]:
     """The exact `python -m train` command of one fresh run."""
-    over = {**STUDY_OVERRIDES, "data.train": str(data["train"]), "data.val": str(data["monitor"]),
+    over = {"data.train": str(data["train"]), "data.val": str(data["monitor"]),
             "mix.method": method, "run.seed": seed, "run.epochs": epochs}
-    cmd = [sys.executable, "-m", "train", "--config", "demo_fashion_mnist",
-           "--output", str(run_dir)]
+    cmd = [sys.executable, "-m", "train", "--config", str(recipe), "--output", str(run_dir)]
     for k, v in over.items():
-        cmd += [f"--{k}", json.dumps(v) if isinstance(v, bool) else str(v)]
+        cmd += [f"--{k}", str(v)]
     return cmd
 
 
@@ -117,7 +134,7 @@ def _run_logged(cmd: list[str], log_file: Path, threads: int | None) -> int:
 
 
 def train_run(method: str, seed: int, work: Path, out: Path, data: dict[str, Path],
-              epochs: int, threads: int | None) -> bool:
+              epochs: int, threads: int | None, recipe: Path) -> bool:
     """Train (or resume, or skip) one run; True when it has finished."""
     name = f"{method}-s{seed}"
     run_dir = work / "runs" / name
@@ -125,7 +142,7 @@ def train_run(method: str, seed: int, work: Path, out: Path, data: dict[str, Pat
     if done.is_file():
         return True
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = train_command(method, seed, run_dir, data, epochs)
+    cmd = train_command(method, seed, run_dir, data, epochs, recipe)
     if (run_dir / "last.pth").is_file():
         _log(f"{name}: resuming from {run_dir / 'last.pth'}")
         run_cmd = [sys.executable, "-m", "train", "--resume", str(run_dir)]
@@ -296,11 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if {"train", "evaluate"} & set(args.stages):
         data = prepare_study_data(work, train_per_class=args.train_per_class,
                                   cache_dir=args.cache_dir, raw_dir=args.raw_dir)
+        recipe = write_recipe(work)
         for seed in args.seeds:      # seed-major: partial results cover every method early
             for method in args.methods:
                 name = f"{method}-s{seed}"
                 if "train" in args.stages:
-                    ok = train_run(method, seed, work, out, data, args.epochs, args.threads)
+                    ok = train_run(method, seed, work, out, data, args.epochs, args.threads,
+                                   recipe)
                 else:
                     ok = (work / "runs" / name / "done.json").is_file()
                 if ok and "evaluate" in args.stages:
