@@ -94,3 +94,12 @@ def test_print_config(capsys):
 def test_parse_overrides_values():
     assert parse_overrides(["--a.b", "1", "--c.d=x y", "--e.f", "null"]) == {
         "a.b": 1, "c.d": "x y", "e.f": None}
+
+
+def test_resume_takes_the_checkpoint_config_and_folder(tmp_path):
+    import torch
+    cfg, _, _ = resolve(["--run.epochs", "3"])
+    torch.save({"config": cfg.to_dict()}, tmp_path / "last.pth")
+    again, args, name = resolve(["--resume", str(tmp_path), "--run.epochs", "5"])
+    assert args.output == str(tmp_path) and name == "resumed"
+    assert again.run.epochs == 5 and again.model == cfg.model and again.data == cfg.data
