@@ -128,7 +128,8 @@ def build_train_pipeline(source: Source, *, batch_size: int, opts: TrainOptions,
         checked = guard(encoded, tracker)
         images = decode_random_crop(encoded, backend=backend, scale=opts.scale,
                                     ratio=opts.ratio, hw_decoder_load=opts.hw_decoder_load)
-        images = resize_train(images, opts.image_size, opts.interpolation)
+        images = resize_train(images, opts.image_size, opts.interpolation, backend=backend,
+                              threads=num_threads)
         if rand_augment is not None:
             fill = tuple(round(255 * m) for m in opts.mean)     # timm: img_mean
             images = rand_augment(images, opts.auto_augment, fill=fill)

@@ -6,7 +6,7 @@ import math
 from typing import Any, Sequence
 
 from .badfiles import SampleTracker
-from .decode import decode, guard, normalize, resize_shorter
+from .decode import decode, guard, normalize, resize_shorter, resize_train
 from .readers import Source, read
 
 __all__ = ["VAL_OUTPUTS", "build_val_pipeline", "resize_size"]
@@ -28,7 +28,7 @@ def build_val_pipeline(source: Source, *, batch_size: int, image_size: tuple[int
                        hw_decoder_load: float = 0.65, prefetch_queue_depth: int = 2
                        ) -> tuple[Any, SampleTracker]:
     """Build the validation pipeline. Returns (pipeline, tracker)."""
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import pipeline_def
 
     scaled = resize_size(image_size, crop_pct)
     tracker = SampleTracker()
@@ -41,10 +41,11 @@ def build_val_pipeline(source: Source, *, batch_size: int, image_size: tuple[int
         checked = guard(encoded, tracker)
         images = decode(encoded, backend=backend, hw_decoder_load=hw_decoder_load)
         if scaled[0] == scaled[1]:
-            images = resize_shorter(images, scaled[0], interpolation)
+            images = resize_shorter(images, scaled[0], interpolation, backend=backend,
+                                    threads=num_threads)
         else:
-            from .decode import resize_train
-            images = resize_train(images, scaled, interpolation)
+            images = resize_train(images, scaled, interpolation, backend=backend,
+                                  threads=num_threads)
         images = normalize(images, mean=mean, std=std, dtype=dtype, crop=image_size)
         if backend == "gpu":
             labels = labels.gpu()

@@ -151,3 +151,23 @@ def test_argument_errors(indexed, flavour_tree):
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             resolve_device("cuda")
         assert resolve_device("auto") == (torch.device("cpu"), "cpu", None)
+
+
+def test_host_buffers_are_reused_but_never_under_a_held_batch(indexed):
+    loader = TrainLoader(indexed.list, batch_size=4, mix=MIX, **PLAIN)
+    held = take(loader, 10)                     # 4 pooled buffers, then fresh tensors
+    assert len({b["image"].data_ptr() for b in held}) == 10
+    del held
+    ptrs = []
+    for _ in range(2):
+        for batch in loader:
+            ptrs.append(batch["image"].data_ptr())
+            del batch
+    assert len(set(ptrs)) <= 4 < len(ptrs)
+
+
+def test_close_stops_the_pipeline(indexed):
+    with TrainLoader(indexed.list, batch_size=4, **PLAIN) as loader:
+        next(iter(loader))
+    with pytest.raises(RuntimeError, match="this loader was closed"):
+        next(iter(loader))

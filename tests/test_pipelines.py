@@ -3,6 +3,7 @@ normalization, parity with timm's eval transform, token provenance after mixing,
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image, ImageOps
 
 import jpeg_factory as jf
@@ -211,3 +212,33 @@ def test_gpu_training_batches_live_on_the_gpu(flavour_tree):
     for batch in loader:
         assert all(v.is_cuda for v in batch.values())
         assert batch["image"].shape == (8, 3, 32, 32)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_cpu_resize_kernel_matches_dali_resize_and_pil(flavour_tree, interpolation):
+    """The CPU pipelines resize with torch; the GPU ones with DALI's fn.resize: same filter."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipelines.decode import resize_shorter, resize_train
+
+    @pipeline_def(batch_size=12, num_threads=2, device_id=None, seed=0)
+    def pipe():
+        enc, _ = fn.readers.file(files=flavour_tree.files[:12])
+        img = fn.decoders.image(enc, output_type=types.RGB)
+        return (img, resize_train(img, (40, 24), interpolation, backend="cpu", threads=2),
+                resize_train(img, (40, 24), interpolation, backend="gpu"),
+                resize_shorter(img, 30, interpolation, backend="cpu", threads=2))
+
+    p = pipe()
+    p.build()
+    src, torch_out, dali_out, shorter = (list(map(np.array, o)) for o in p.run())
+    p._shutdown()
+    mode = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
+    for s, t, d, sh in zip(src, torch_out, dali_out, shorter):
+        pil = np.array(Image.fromarray(s).resize((24, 40), mode)).astype(int)
+        assert t.shape == d.shape == (40, 24, 3)
+        assert np.abs(t.astype(int) - pil).mean() < 0.5
+        assert np.abs(d.astype(int) - pil).mean() < 2.0
+        h, w = s.shape[:2]
+        ref = torchvision.transforms.Resize(30)(Image.fromarray(s)).size   # (W, H)
+        assert sh.shape[:2] == (ref[1], ref[0]), (h, w)
