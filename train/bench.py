@@ -1,7 +1,7 @@
 """python -m train.bench: training throughput (steps/s, img/s) per mixing method, end to end
 (DALI loader + MaskMix + forward/backward + PAL labels + AdamW step), one process.
 
-CPU default: a tiny ViT (32 px, patch 4) on a synthetic 32-px JPEG tree. GPU default: DeiT-Tiny
+CPU default: the demo's tiny ViT (28 px, patch 7) on a synthetic 28-px JPEG tree. GPU default: DeiT-Tiny
 and DeiT-Small at 224 px on a synthetic 224-px JPEG tree, bf16. --data DIR uses real class
 folders (e.g. ImageNet train/) instead.
 
@@ -29,7 +29,7 @@ from .main import build_loaders, build_model
 from .optim import build_optimizer, build_scheduler
 from .summary import format_table
 
-TINY = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
+TINY = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3}  # demo
 
 
 def synthetic_tree(root: Path, size: int, n: int, classes: int = 10) -> Path:
@@ -48,7 +48,7 @@ def bench_one(model_name: str, method: str, data: str, *, device: torch.device, 
         "data": {"train": data, "val": data, "image_size": size, "batch_size": batch,
                  "num_threads": threads},
         "model": {"name": model_name, "num_classes": 10, "kwargs": kwargs},
-        "mix": {"method": method, "mask_patch": 8 if size <= 64 else 64},
+        "mix": {"method": method, "mask_patch": 7 if size <= 64 else 64},
         "run": {"device": device.type, "progress": "off"},
     })
     dist = DistInfo(0, 1, 0, device)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    size = 224 if device.type == "cuda" else 32
+    size = 224 if device.type == "cuda" else 28
     tiny = a.models == "vit_tiny_patch16_224" and device.type == "cpu"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
