@@ -206,21 +206,16 @@ def run(cfg: TrainConfig, *, resume: str | None = None, output: str | None = Non
         cleanup()
 
 
-def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str, Any]:
-    t_run = time.perf_counter()
-    torch.manual_seed(cfg.run.seed + dist.rank)
-    out = Path(broadcast_object(str(_output_dir(cfg, output, name))))
-    if not resume and (out / "last.pth").exists():
-        raise ValueError(f"{out} already holds a run (last.pth): continue it with --resume "
-                         f"{out}, or choose another --output")
+def _build(cfg: TrainConfig, dist: DistInfo) -> tuple[Engine, Any, Any]:
+    """Model (+DDP, compile), loaders, optimizer, schedule, scaler, EMA -> (engine, loaders)."""
     train_src, val_src = resolve_data(cfg, dist)
     model, patch = build_model(cfg)
     model.to(dist.device)
     mix_cfg = mix_config_for(cfg.mix.method, cfg.mix.preset, image_size=cfg.data.image_size,
                              patch_size=patch, mask_patch=cfg.mix.mask_patch, seed=cfg.run.seed,
                              options=cfg.mix.options)
-    loss_fn = MixLoss(model, method=cfg.mix.method, preset=cfg.mix.preset,
-                      num_classes=cfg.model.num_classes, smoothing=cfg.mix.smoothing)
+    loss_fn = MixLoss(model, method=cfg.mix.method, preset=cfg.mix.preset,  # hooks before
+                      num_classes=cfg.model.num_classes, smoothing=cfg.mix.smoothing)  # compile
     train_model: nn.Module = model
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -229,49 +224,82 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
         train_model = torch.compile(train_model)
     train_loader, val_loader = build_loaders(cfg, dist, mix_cfg, train_src, val_src)
     _check_classes(train_loader.source, cfg.model.num_classes)
-    n_batches = len(train_loader)
     o = cfg.optim
-    global_batch = cfg.data.batch_size * dist.world_size * o.accum_steps
-    lr = scaled_lr(o.lr, global_batch, o.lr_base_batch)
+    lr = scaled_lr(o.lr, cfg.data.batch_size * dist.world_size * o.accum_steps, o.lr_base_batch)
     optimizer = build_optimizer(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
                                 betas=o.betas, eps=o.eps)
     scheduler = build_scheduler(optimizer, sched=o.sched, epochs=cfg.run.epochs,
-                                updates_per_epoch=math.ceil(n_batches / o.accum_steps),
+                                updates_per_epoch=math.ceil(len(train_loader) / o.accum_steps),
                                 warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
                                 min_lr=o.min_lr)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=(
         dist.device.type == "cuda" and cfg.run.amp == "fp16"))
     ema = None
-    if cfg.run.ema:
+    if cfg.run.ema:  # after DDP built (it broadcasts rank 0's weights)
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.run.ema_decay)
     eng = Engine(model, train_model, optimizer, scheduler, scaler, loss_fn, dist=dist,
                  amp=cfg.run.amp, accum_steps=o.accum_steps, clip_grad=o.clip_grad, ema=ema)
+    return eng, train_loader, val_loader
+
+
+def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str, Any]:
+    t_run = time.perf_counter()
+    torch.manual_seed(cfg.run.seed + dist.rank)
+    out = Path(broadcast_object(str(_output_dir(cfg, output, name))))
+    if not resume and (out / "last.pth").exists():
+        raise ValueError(f"{out} already holds a run (last.pth): continue it with --resume "
+                         f"{out}, or choose another --output")
+    eng, train_loader, val_loader = _build(cfg, dist)
+    n_batches = len(train_loader)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, out / "config.yaml")
     st = _resume(resume, eng, train_loader, dist) if resume else TrainState()
     if st.batch >= n_batches:  # the checkpoint closed its epoch
         st.epoch, st.batch, st.loss_sum, st.loss_count = st.epoch + 1, 0, 0.0, 0
-    saver = _Saver(eng, train_loader, cfg, out, dist)
-    reporter = Reporter(out if dist.is_main else None, tensorboard=cfg.run.tensorboard)
-    progress = Progress(cfg.run.progress, enabled=dist.is_main, epochs=cfg.run.epochs,
-                        n_batches=n_batches)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in eng.model.parameters())
     _say(dist, f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {dist.world_size} x "
-               f"{dist.device.type}, global batch {global_batch}, lr {lr:.2e}, "
+               f"{dist.device.type}, global batch "
+               f"{cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps}, lr "
+               f"{_peak_lr(eng):.2e}, "
                f"{n_batches} batches/epoch, mix {cfg.mix.method}/{cfg.mix.preset}, out {out}")
     if resume:
         _say(dist, f"resumed from {resume}: epoch {st.epoch + 1}, batch {st.batch}, "
                    f"step {st.step}")
+    try:
+        last, samples, train_s = _epochs(cfg, dist, eng, train_loader, val_loader, st, out)
+    finally:
+        eng.loss_fn.remove()
+    wall = time.perf_counter() - t_run
+    result = {**last, "best_top1": st.best_top1, "best_epoch": st.best_epoch + 1,
+              "wall_s": wall, "img_s": samples / max(train_s, 1e-9),
+              "output": str(out), "history": st.history}
+    if dist.is_main and (out / "best.pth").is_file():
+        ckpt_io.export_backbone(out / "best.pth", out / "best_timm.pth")
+        _say(dist, _final_table(cfg, result, out))
+    barrier()
+    return result
+
+
+def _peak_lr(eng: Engine) -> float:
+    return float(eng.scheduler.base_values[0])
+
+
+def _epochs(cfg: TrainConfig, dist: DistInfo, eng: Engine, train_loader, val_loader,
+            st: TrainState, out: Path) -> tuple[dict[str, Any], int, float]:
+    """Train + evaluate + report + checkpoint, epoch after epoch, from `st`."""
+    n_batches = len(train_loader)
+    saver = _Saver(eng, train_loader, cfg, out, dist)
+    reporter = Reporter(out if dist.is_main else None, tensorboard=cfg.run.tensorboard)
+    progress = Progress(cfg.run.progress, enabled=dist.is_main, epochs=cfg.run.epochs,
+                        n_batches=n_batches)
     last: dict[str, Any] = {}
     samples, train_s = 0, 0.0
     try:
         for epoch in range(st.epoch, cfg.run.epochs):
-            st.epoch = epoch
-            t_ep = time.perf_counter()
+            st.epoch, t_ep, first = epoch, time.perf_counter(), st.batch
             progress.start_epoch(epoch, st.batch)
-            first = st.batch
             train_m = eng.train_epoch(train_loader, n_batches, st, on_log=progress.log,
                                       log_every=cfg.run.log_every,
                                       on_checkpoint=saver.mid_epoch,
@@ -279,16 +307,16 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
             progress.end_epoch(st)
             train_s += time.perf_counter() - t_ep
             samples += (st.batch - first) * cfg.data.batch_size * dist.world_size
-            evals = eng.evaluate(model, val_loader)
-            if ema is not None:
+            evals = eng.evaluate(eng.model, val_loader)
+            if eng.ema is not None:
                 evals.update({f"ema_{k}": v for k, v in
-                              eng.evaluate(ema.module, val_loader).items() if k != "count"})
+                              eng.evaluate(eng.ema.module, val_loader).items() if k != "count"})
             is_best = evals["top1"] > st.best_top1
             if is_best:
                 st.best_top1, st.best_epoch = evals["top1"], epoch
             sec = time.perf_counter() - t_ep
-            row = {"epoch": epoch, "train_loss": train_m["loss"], **evals, "seconds": sec}
-            st.history.append(row)
+            st.history.append({"epoch": epoch, "train_loss": train_m["loss"], **evals,
+                               "seconds": sec})
             saver.epoch_end(st, is_best)
             count = evals.pop("count")
             reporter.epoch(epoch, train_m, evals, lr=eng.lr, seconds=sec, step=st.step)
@@ -299,23 +327,18 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
             st.batch, st.loss_sum, st.loss_count = 0, 0.0, 0
     finally:
         reporter.close()
-        loss_fn.remove()
-    wall = time.perf_counter() - t_run
-    result = {**last, "best_top1": st.best_top1, "best_epoch": st.best_epoch + 1,
-              "wall_s": wall, "img_s": samples / max(train_s, 1e-9),
-              "output": str(out), "history": st.history}
-    if dist.is_main and (out / "best.pth").is_file():
-        ckpt_io.export_backbone(out / "best.pth", out / "best_timm.pth")
-        _say(dist, format_table([
-            ("model", cfg.model.name), ("method", f"{cfg.mix.method} ({cfg.mix.preset})"),
-            ("epochs", str(cfg.run.epochs)),
-            ("final top-1 / top-5", f"{last.get('top1', float('nan')):.2f} / "
-                                    f"{last.get('top5', float('nan')):.2f}"),
-            ("best top-1", f"{st.best_top1:.2f} (epoch {st.best_epoch + 1})"),
-            ("train throughput", f"{result['img_s']:.0f} img/s"),
-            ("wall time", fmt_time(wall)),
-            ("output", str(out)),
-            ("timm weights", str(out / "best_timm.pth")),
-        ]))
-    barrier()
-    return result
+    return last, samples, train_s
+
+
+def _final_table(cfg: TrainConfig, result: dict[str, Any], out: Path) -> str:
+    nan = float("nan")
+    return format_table([
+        ("model", cfg.model.name), ("method", f"{cfg.mix.method} ({cfg.mix.preset})"),
+        ("epochs", str(cfg.run.epochs)),
+        ("final top-1 / top-5", f"{result.get('top1', nan):.2f} / {result.get('top5', nan):.2f}"),
+        ("best top-1", f"{result['best_top1']:.2f} (epoch {result['best_epoch']})"),
+        ("train throughput", f"{result['img_s']:.0f} img/s"),
+        ("wall time", fmt_time(result["wall_s"])),
+        ("output", str(out)),
+        ("timm weights", str(out / "best_timm.pth")),
+    ])
