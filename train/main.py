@@ -107,7 +107,7 @@ def build_loaders(cfg: TrainConfig, dist: DistInfo, mix_cfg, train_src: str, val
                         interpolation=d.interpolation, scale=tuple(d.scale),
                         ratio=tuple(d.ratio), hflip=d.hflip, **common)
     val = ValLoader(val_src, batch_size=d.val_batch_size or 2 * d.batch_size,
-                    crop_pct=d.crop_pct, **common)
+                    crop_pct=d.crop_pct, interpolation=d.interpolation, **common)
     return train, val
 
 
