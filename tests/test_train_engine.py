@@ -1,6 +1,6 @@
 """The loop's arithmetic against slow obvious references: gradient accumulation equals one large
 batch, clipping acts on unscaled gradients before the step, warm-up/cosine in steps, timm's
-no-weight-decay groups, top-k counting. In-memory batches (tests/train_fakes.py), no DALI."""
+no-weight-decay groups, top-k counting. In-memory batches, no DALI."""
 from __future__ import annotations
 
 import copy
