@@ -1,12 +1,13 @@
 """Training-loader throughput: the DALI TrainLoader against torchvision + timm, same recipe.
 
     python -m pipelines.bench [--data DIR] [--images 500] [--batch 64] [--threads 2]
-                              [--batches 30] [--rounds 2]
+                              [--batches 30] [--rounds 2] [--recipe full|no-ra-erasing]
 
 A: TrainLoader (decode with random resized crop, bicubic resize, RandAugment
    rand-m9-mstd0.5-inc1, flip, normalize, random erasing 0.25, Mixup/CutMix via the MaskMix
    operator with the `deit` preset), `--threads` DALI threads, CPU.
-B: torchvision ImageFolder + timm create_transform(is_training=True, same options) in a
+B: torchvision ImageFolder + timm create_transform(is_training=True, same options, re_mode
+   "pixel", no colour jitter) in a
    DataLoader with `--threads` workers, timm Mixup (0.8 / 1.0, switch 0.5) on each batch.
 Rounds run interleaved (A B A B ...) after a warm-up; the ratio of the medians is reported.
 Without --data, `--images` synthetic 500x375 JPEGs (~80 KB, like ImageNet's average) are
@@ -80,14 +81,18 @@ def _timed(runner, batches: int) -> tuple[float, float]:
     return seen / wall, 1000 * cpu / seen
 
 
-def bench_dali(data: Path, *, batch: int, threads: int):
+RECIPES = {"full": dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
+           "no-ra-erasing": dict(auto_augment=None, re_prob=0.0)}
+
+
+def bench_dali(data: Path, *, batch: int, threads: int, recipe: str = "full"):
     """(endless iterator of batch sizes, pids doing the work) for the DALI TrainLoader."""
     from mixpro_dali import MixConfig
 
     from .loader import TrainLoader
 
     loader = TrainLoader(data, batch_size=batch, image_size=224, device="cpu", num_threads=threads,
-                         mix=MixConfig.preset("deit", image_size=224, seed=0))
+                         mix=MixConfig.preset("deit", image_size=224, seed=0), **RECIPES[recipe])
 
     def gen():
         while True:
@@ -113,14 +118,16 @@ class _RetryPosterize:
         return self.transform(img)
 
 
-def bench_torchvision(data: Path, *, batch: int, workers: int):
+def bench_torchvision(data: Path, *, batch: int, workers: int, recipe: str = "full"):
     """(endless iterator of batch sizes, pids doing the work) for torchvision + timm."""
     import torch
     from timm.data import Mixup, create_transform
     from torchvision.datasets import ImageFolder
 
-    transform = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                                 re_prob=0.25, interpolation="bicubic")
+    # timm adds ColorJitter(0.4) when auto_augment is None: off, to keep the recipes equal
+    # and its RandomErasing defaults to mode "const": the recipe (DeiT --remode) uses "pixel"
+    transform = create_transform(224, is_training=True, interpolation="bicubic", color_jitter=None,
+                                 re_mode="pixel", **RECIPES[recipe])
     dataset = ImageFolder(str(data), transform=_RetryPosterize(transform))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=True)
@@ -145,14 +152,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
     p.add_argument("--batches", type=int, default=30, help="timed batches per round")
     p.add_argument("--rounds", type=int, default=2, help="A/B pairs, interleaved")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="full",
+                   help="full: the DeiT recipe; no-ra-erasing: without RandAugment and erasing")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_jpegs(Path(tmp), args.images)
-        runs = {"dali": bench_dali(data, batch=args.batch, threads=args.threads),
-                "torchvision+timm": bench_torchvision(data, batch=args.batch, workers=args.threads)}
+        runs = {"dali": bench_dali(data, batch=args.batch, threads=args.threads, recipe=args.recipe),
+                "torchvision+timm": bench_torchvision(data, batch=args.batch, workers=args.threads,
+                                                      recipe=args.recipe)}
         for runner in runs.values():                 # warm-up: workers started, caches filled
             _timed(runner, 3)
         rates: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
           f"{a['torchvision+timm']:.1f} img/s ({b['torchvision+timm']:.2f} CPU ms/img)")
     print(f"ratio dali / torchvision+timm: {a['dali'] / a['torchvision+timm']:.2f}x img/s, "
           f"{b['torchvision+timm'] / b['dali']:.2f}x images per CPU second "
-          f"(batch {args.batch}, {args.threads} threads/workers)")
+          f"(recipe {args.recipe}, batch {args.batch}, {args.threads} threads/workers)")
     return 0
 
 
