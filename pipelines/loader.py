@@ -102,6 +102,7 @@ class _DaliLoader:
     """Shared run/convert/explain loop of both loaders."""
 
     _names: tuple[str, ...] = ()
+    _image_dtype: torch.dtype | None = None      # None: as the pipeline gives it
 
     def _setup(self, source: Any, *, batch_size: int, device: Any, shard_id: int,
                num_shards: int, num_threads: int, exclude: Any = None) -> None:
@@ -125,8 +126,6 @@ class _DaliLoader:
         if self.num_samples < self.num_shards:
             raise ValueError(f"{self.num_samples} samples cannot fill num_shards={self.num_shards}")
         self.epoch_runs = epoch_runs(self.num_samples, self.num_shards, self.batch_size)
-
-    _image_dtype: torch.dtype | None = None
 
     def _run(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """One pipeline iteration as torch tensors (keep=False: run it, return nothing; for

@@ -15,7 +15,7 @@ half the bytes matter on the CPU, where these full-batch passes are bound by mem
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from mixpro_dali import MixConfig, MaskMixOperator, mix
@@ -51,7 +51,6 @@ class TrainOptions:
     hflip: float = 0.5
     hw_decoder_load: float = 0.65
     initial_fill: int = 1024
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         lo, hi = self.scale
