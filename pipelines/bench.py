@@ -1,17 +1,24 @@
-"""Training-loader throughput: the DALI TrainLoader against torchvision + timm, same recipe.
+"""Pipeline throughput (img/s) and peak memory: the DALI training pipeline without mixing, with
+MaskMix, with the full MixPro policy, and torchvision + timm, same data and batch size.
 
-    python -m pipelines.bench [--data DIR] [--images 500] [--batch 64] [--threads 2]
-                              [--batches 30] [--rounds 2] [--recipe full|no-ra-erasing]
+    python -m pipelines.bench [--device cpu|cuda] [--data DIR] [--images 500] [--batch-size 64]
+        [--threads 2] [--batches 20] [--rounds 3] [--recipe full|no-ra-erasing]
+        [--configs dali,dali+maskmix,dali+mixpro,torchvision+timm] [--out results/bench]
 
-A: TrainLoader (decode with random resized crop, bicubic resize, RandAugment
-   rand-m9-mstd0.5-inc1, flip, normalize, random erasing 0.25, Mixup/CutMix via the MaskMix
-   operator with the `deit` preset), `--threads` DALI threads, CPU.
-B: torchvision ImageFolder + timm create_transform(is_training=True, same options, re_mode
-   "pixel", no colour jitter) in a
-   DataLoader with `--threads` workers, timm Mixup (0.8 / 1.0, switch 0.5) on each batch.
-Rounds run interleaved (A B A B ...) after a warm-up; the ratio of the medians is reported.
-Without --data, `--images` synthetic 500x375 JPEGs (~80 KB, like ImageNet's average) are
-written to a temporary folder. Shared machines vary run to run: compare within one run.
+dali          TrainLoader (decode with random resized crop, bicubic resize, RandAugment
+              rand-m9-mstd0.5-inc1, flip, normalize, random erasing 0.25 pixel mode), the MaskMix
+              operator in the graph with the `none` preset (it stacks and copies, never mixes).
+dali+maskmix  the same, every batch MaskMix (`maskmix` preset): the operator's worst case.
+dali+mixpro   the same, the paper's MixPro policy (MaskMix 0.5 / Mixup 0.5).
+torchvision+timm  ImageFolder + timm create_transform (same options, pixel-mode erasing, no
+              colour jitter) in a DataLoader with --threads workers, timm Mixup/CutMix (0.8 / 1.0,
+              switch 0.5) on each batch (on the GPU with --device cuda, after a pinned copy).
+Every configuration is built once; timed windows run interleaved (A B C D, then D C B A, ...),
+each after the others' prefetching has gone quiet. Ratios are the median of per-round ratios.
+Peak memory: sampled while each configuration is built and warmed up (PSS of its processes;
+device: the GPU's used memory, DALI's pool included), above the level before it was built.
+The DALI configurations also time the MaskMix operator itself (host time per batch).
+Without --data, ImageNet-like JPEGs (pipelines.imagenet_like) are written to a temp folder.
 """
 from __future__ import annotations
 
@@ -21,85 +28,91 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
-import numpy as np
+from .bench_report import (MemorySampler, cpu_seconds, machine_info, markdown_table,
+                           median_ratios, settle, write_outputs)
 
-__all__ = ["make_jpegs", "bench_dali", "bench_torchvision", "main"]
-
-
-def make_jpegs(root: Path, n: int, *, classes: int = 10, size=(375, 500), seed: int = 0) -> Path:
-    """n photo-like JPEGs (smooth colour field + texture + noise), ~80 KB each at q90."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(n):
-        f = rng.uniform(0.01, 0.08, (3, 2))
-        phase = rng.uniform(0, 6.3, 3)
-        img = np.stack([128 + 90 * np.sin(f[c, 0] * yy + f[c, 1] * xx + phase[c]) for c in range(3)], -1)
-        img += rng.normal(0, 14, (h, w, 3))
-        out = root / f"class_{i % classes:02d}" / f"img_{i:05d}.jpg"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, quality=90)
-    return root
-
-
-def _cpu_seconds(pids) -> float:
-    """User + system CPU time of the processes `pids` (Linux /proc; 0 elsewhere)."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def _settle(pids, quiet: float = 0.3, limit: float = 20.0) -> None:
-    """Wait until the processes stop working (prefetching ahead after a timed window), so one
-    loader's background work never runs inside the other's window."""
-    end, last = time.monotonic() + limit, _cpu_seconds(pids)
-    while time.monotonic() < end:
-        time.sleep(quiet)
-        now = _cpu_seconds(pids)
-        if now - last < 0.05 * quiet:
-            return
-        last = now
-
-
-def _timed(runner, batches: int) -> tuple[float, float]:
-    """(img/s, CPU ms per image) over the next `batches` batches of `runner`."""
-    it, pids = runner
-    _settle(pids())
-    cpu0, start, seen = _cpu_seconds(pids()), time.perf_counter(), 0
-    for _ in range(batches):
-        seen += next(it)
-    wall, cpu = time.perf_counter() - start, _cpu_seconds(pids()) - cpu0
-    return seen / wall, 1000 * cpu / seen
-
+__all__ = ["CONFIGS", "RECIPES", "bench_dali", "bench_torchvision", "run_pipeline_bench", "main"]
 
 RECIPES = {"full": dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
            "no-ra-erasing": dict(auto_augment=None, re_prob=0.0)}
+DALI_PRESETS = {"dali": "none", "dali+maskmix": "maskmix", "dali+mixpro": "mixpro"}
+CONFIGS = (*DALI_PRESETS, "torchvision+timm")
 
 
-def bench_dali(data: Path, *, batch: int, threads: int, recipe: str = "full"):
-    """(endless iterator of batch sizes, pids doing the work) for the DALI TrainLoader."""
+class Runner:
+    """A built configuration: `next_batch()` -> images in the batch (on the device, ready),
+    `pids()` -> the processes doing its work, `op_seconds`: MaskMix operator time so far."""
+
+    def __init__(self, batches: Iterator[int], pids: Callable[[], list[int]], sync: Callable,
+                 op: Any = None, close: Callable = lambda: None, prefetched: int = 2) -> None:
+        self.batches, self.pids, self.sync, self.op, self.close = batches, pids, sync, op, close
+        self.prefetched = prefetched     # batches ready in queues once its workers are quiet
+
+    @property
+    def op_seconds(self) -> float:
+        return getattr(self.op, "seconds", 0.0)
+
+    def timed(self, batches: int) -> dict[str, float]:
+        """img/s, CPU ms per image and operator ms per batch over the next `batches` batches.
+        The batches its queues prefetched while the others ran are taken first, untimed: the
+        window starts with empty queues and busy workers, as it ends (steady state)."""
+        settle(self.pids())
+        for _ in range(self.prefetched):
+            next(self.batches)
+        self.sync()
+        cpu0, op0, start, seen = cpu_seconds(self.pids()), self.op_seconds, time.perf_counter(), 0
+        for _ in range(batches):
+            seen += next(self.batches)
+        self.sync()
+        wall = time.perf_counter() - start
+        return {"img_s": seen / wall, "cpu_ms_per_img": 1000 * (cpu_seconds(self.pids()) - cpu0) / seen,
+                "op_ms_per_batch": 1000 * (self.op_seconds - op0) / batches,
+                "op_share": (self.op_seconds - op0) / wall}
+
+
+def _timed_operator(op: Any) -> Any:
+    """Make the MaskMix operator add its host time per call to `op.seconds` (class swap: DALI
+    holds this very object, so the loader's pipeline is unchanged)."""
+    base = type(op)
+
+    class Timed(base):  # type: ignore[misc, valid-type]
+        def __call__(self, *args):
+            t0 = time.perf_counter()
+            try:
+                return base.__call__(self, *args)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+    op.seconds = 0.0
+    op.__class__ = Timed
+    return op
+
+
+def _sync(device: str) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def bench_dali(data: Path, *, preset: str, batch: int, threads: int, size: int, device: str,
+               mask_patch: int, recipe: str = "full") -> Runner:
     from mixpro_dali import MixConfig
 
     from .loader import TrainLoader
 
-    loader = TrainLoader(data, batch_size=batch, image_size=224, device="cpu", num_threads=threads,
-                         mix=MixConfig.preset("deit", image_size=224, seed=0), **RECIPES[recipe])
+    mix = MixConfig.preset(preset, image_size=size, patch_size=16, mask_patch=mask_patch, seed=0)
+    loader = TrainLoader(data, batch_size=batch, image_size=size, device=device,
+                         num_threads=threads, mix=mix, **RECIPES[recipe])
 
     def gen():
         while True:
             for b in loader:
                 yield len(b["image"])
 
-    return gen(), lambda: [os.getpid()]
+    return Runner(gen(), lambda: [os.getpid()], _sync(device), _timed_operator(loader.mix_operator),
+                  loader.close)
 
 
 class _RetryPosterize:
@@ -118,65 +131,157 @@ class _RetryPosterize:
         return self.transform(img)
 
 
-def bench_torchvision(data: Path, *, batch: int, workers: int, recipe: str = "full"):
-    """(endless iterator of batch sizes, pids doing the work) for torchvision + timm."""
+def bench_torchvision(data: Path, *, batch: int, workers: int, size: int, device: str,
+                      recipe: str = "full") -> Runner:
     import torch
     from timm.data import Mixup, create_transform
     from torchvision.datasets import ImageFolder
 
     # timm adds ColorJitter(0.4) when auto_augment is None: off, to keep the recipes equal
     # and its RandomErasing defaults to mode "const": the recipe (DeiT --remode) uses "pixel"
-    transform = create_transform(224, is_training=True, interpolation="bicubic", color_jitter=None,
+    transform = create_transform(size, is_training=True, interpolation="bicubic", color_jitter=None,
                                  re_mode="pixel", **RECIPES[recipe])
     dataset = ImageFolder(str(data), transform=_RetryPosterize(transform))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
-                                         num_workers=workers, persistent_workers=True)
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=device == "cuda")
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1,
                   num_classes=len(dataset.classes))
 
     def gen():
         while True:
             for x, y in loader:
+                if device == "cuda":
+                    x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
                 x, y = mixup(x, y)
                 yield len(x)
 
-    workers = lambda: [w.pid for w in getattr(loader._iterator, "_workers", [])]  # noqa: E731
-    return gen(), lambda: [os.getpid(), *workers()]
+    def pids():
+        return [os.getpid(), *(w.pid for w in getattr(loader._iterator, "_workers", []))]
+
+    def close():
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    return Runner(gen(), pids, _sync(device), None, close, prefetched=2 * workers)
+
+
+def build(name: str, data: Path, a: argparse.Namespace) -> Runner:
+    if name in DALI_PRESETS:
+        return bench_dali(data, preset=DALI_PRESETS[name], batch=a.batch_size, threads=a.threads,
+                          size=a.size, device=a.device, mask_patch=a.mask_patch, recipe=a.recipe)
+    if name == "torchvision+timm":
+        return bench_torchvision(data, batch=a.batch_size, workers=a.threads, size=a.size,
+                                 device=a.device, recipe=a.recipe)
+    raise ValueError(f"unknown configuration {name!r}; valid: {', '.join(CONFIGS)}")
+
+
+def run_pipeline_bench(data: Path, a: argparse.Namespace, log=print) -> dict[str, Any]:
+    """Build, warm up (memory sampled), run interleaved rounds; returns the results payload."""
+    names = a.configs
+    runners, memory = {}, {}
+    for name in names:
+        all_pids = lambda: sorted({os.getpid(), *(p for r in runners.values() for p in r.pids())})  # noqa: E731
+        with MemorySampler(all_pids) as mem:
+            runners[name] = build(name, data, a)
+            for _ in range(a.warmup):
+                next(runners[name].batches)
+            runners[name].sync()
+        memory[name] = mem.result()
+        log(f"built {name}: {memory[name]}")
+    rounds: list[dict[str, dict[str, float]]] = []
+    try:
+        deadline = time.monotonic() + a.time_limit if a.time_limit else None
+        for r in range(a.rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            rounds.append({n: runners[n].timed(a.batches) for n in order})
+            log(f"round {r + 1}: " + ", ".join(f"{n} {rounds[-1][n]['img_s']:.0f}" for n in names))
+            if deadline and time.monotonic() > deadline:
+                log(f"time limit {a.time_limit}s reached after {r + 1} rounds")
+                break
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return summarize(rounds, memory, names)
+
+
+def summarize(rounds: list[dict[str, dict[str, float]]], memory: dict, names: list[str]) -> dict:
+    rates = [{n: r[n]["img_s"] for n in names} for r in rounds]
+    ref = "dali" if "dali" in names else names[0]
+    vs_ref = median_ratios(rates, ref)
+    vs_tv = median_ratios(rates, "torchvision+timm") if "torchvision+timm" in names else {}
+    results = []
+    for n in names:
+        med = {k: statistics.median(r[n][k] for r in rounds) for k in rounds[0][n]}
+        results.append({"config": n, "img_s": med["img_s"], "img_s_rounds": [x[n] for x in rates],
+                        "cpu_ms_per_img": med["cpu_ms_per_img"],
+                        "op_ms_per_batch": med["op_ms_per_batch"] if n in DALI_PRESETS else None,
+                        "op_share": med["op_share"] if n in DALI_PRESETS else None,
+                        f"x_{ref}": vs_ref[n], "x_torchvision": vs_tv.get(n), **memory[n]})
+    return {"reference": ref, "rounds": len(rounds), "results": results}
+
+
+def table(payload: dict) -> str:
+    ref = payload["reference"]
+    rows = [(r["config"], r["img_s"], r[f"x_{ref}"], r["x_torchvision"], r["cpu_ms_per_img"],
+             None if r["op_share"] is None else f"{100 * r['op_share']:.2f}%",
+             r["peak_host_mb"], r["peak_device_mb"]) for r in payload["results"]]
+    return markdown_table(["config", "img/s", f"x {ref}", "x torchvision+timm", "CPU ms/img",
+                           "MaskMix op share of wall", "peak host MB", "peak device MB"], rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--data", type=Path, help="class-folder tree (default: ImageNet-like JPEGs)")
+    p.add_argument("--images", type=int, default=500, help="generated images without --data")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=None,
+                   help="default 64 (cpu), 256 (cuda)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="DALI threads = DataLoader workers (default 2 on cpu, all cores on cuda)")
+    p.add_argument("--size", type=int, default=224, help="output image side")
+    p.add_argument("--mask-patch", type=int, default=None, help="MaskMix cell (default 64, <= size)")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per window")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches after building")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--time-limit", type=float, default=0, help="stop after the round that passes it")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="full",
+                   help="full: the DeiT recipe; no-ra-erasing: without RandAugment and erasing")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--out", type=Path, help="write pipeline-<device>.json/.md/.png here")
+    a = p.parse_args(argv)
+    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    bad = [c for c in a.configs if c not in CONFIGS]
+    if bad:
+        p.error(f"--configs: unknown {', '.join(bad)}; valid: {', '.join(CONFIGS)}")
+    a.batch_size = a.batch_size or (256 if a.device == "cuda" else 64)
+    a.threads = a.threads or (len(os.sched_getaffinity(0)) if a.device == "cuda" else 2)
+    a.mask_patch = a.mask_patch or min(64, a.size - a.size % 16)
+    return a
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, help="class-folder tree (default: synthetic JPEGs)")
-    p.add_argument("--images", type=int, default=500)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    p.add_argument("--batches", type=int, default=30, help="timed batches per round")
-    p.add_argument("--rounds", type=int, default=2, help="A/B pairs, interleaved")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="full",
-                   help="full: the DeiT recipe; no-ra-erasing: without RandAugment and erasing")
-    args = p.parse_args(argv)
     import torch
 
+    a = parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or make_jpegs(Path(tmp), args.images)
-        runs = {"dali": bench_dali(data, batch=args.batch, threads=args.threads, recipe=args.recipe),
-                "torchvision+timm": bench_torchvision(data, batch=args.batch, workers=args.threads,
-                                                      recipe=args.recipe)}
-        for runner in runs.values():                 # warm-up: workers started, caches filled
-            _timed(runner, 3)
-        rates: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
-        for r in range(args.rounds):
-            for name, runner in runs.items():
-                rates[name].append(_timed(runner, args.batches))
-                ips, cpu = rates[name][-1]
-                print(f"round {r + 1} {name:18s} {ips:7.1f} img/s  {cpu:6.2f} CPU ms/img", flush=True)
-    a, b = ({k: statistics.median(x[i] for x in v) for k, v in rates.items()} for i in (0, 1))
-    print(f"median: dali {a['dali']:.1f} img/s ({b['dali']:.2f} CPU ms/img), torchvision+timm "
-          f"{a['torchvision+timm']:.1f} img/s ({b['torchvision+timm']:.2f} CPU ms/img)")
-    print(f"ratio dali / torchvision+timm: {a['dali'] / a['torchvision+timm']:.2f}x img/s, "
-          f"{b['torchvision+timm'] / b['dali']:.2f}x images per CPU second "
-          f"(recipe {args.recipe}, batch {args.batch}, {args.threads} threads/workers)")
+        from .imagenet_like import describe, make_imagenet_like
+
+        data = a.data or make_imagenet_like(Path(tmp) / "data", a.images)
+        payload = {"title": f"Pipeline throughput, {a.device}", "machine": machine_info(),
+                   "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                   "data": {"path": str(a.data) if a.data else "generated (pipelines.imagenet_like)",
+                            **describe(data)}}
+        payload.update(run_pipeline_bench(data, a))
+    md = table(payload)
+    print(md, end="")
+    if a.out:
+        bars = [(r["config"], r["img_s"], f"img/s ({r['x_torchvision']:.2f}x tv+timm)"
+                 if r["x_torchvision"] else "img/s") for r in payload["results"]]
+        for path in write_outputs(a.out, f"pipeline-{a.device}", payload, md, bars, "img/s"):
+            print(f"wrote {path}")
     return 0
 
 

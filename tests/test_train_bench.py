@@ -8,8 +8,8 @@ from train.bench import main
 
 def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--device", "cpu", "--methods", "none,mixpro", "--batch-size", "8",
-                 "--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(out)]) == 0
+    assert main(["--device", "cpu", "--methods", "none,mixpro", "--modes", "e2e", "--batch-size", "8",
+                 "--steps", "2", "--warmup", "1", "--threads", "1", "--rounds", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["method"] for r in rows] == ["none", "mixpro"]
     assert all(r["steps_s"] > 0 and abs(r["img_s"] - 8 * r["steps_s"]) < 1e-6 * r["img_s"]
