@@ -187,8 +187,10 @@ class TrainLoader(_DaliLoader):
     int64, lam (B,) float32, token_mask (B, h, w) uint8, mode (B,) int32, on `device`.
 
     One `for` pass yields the rest of the current epoch (len(loader) batches from an epoch
-    start). Arguments as docs/interfaces.md; exclude: files to leave out (a list, or the file
-    `python -m pipelines.scan ROOT --output bad.txt` writes)."""
+    start, the same number on every shard). Arguments as docs/interfaces.md; pass the same
+    `seed` on every rank (it seeds the one permutation the shards split; augmentations draw
+    per shard). exclude: files to leave out (a list, or the file `python -m pipelines.scan ROOT
+    --output bad.txt` writes)."""
 
     _names = TRAIN_OUTPUTS
 
@@ -259,6 +261,8 @@ class TrainLoader(_DaliLoader):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here (plain types; store it per rank)."""
+        if self._pipe is None:
+            raise RuntimeError("this loader was closed: its state is gone")
         return {"version": STATE_VERSION, "runs": self._runs, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "dali": self._pipe.checkpoint(),
                 **self._identity()}
