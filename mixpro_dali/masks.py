@@ -129,15 +129,31 @@ def area_lambda(token_mask: torch.Tensor) -> torch.Tensor:
     return token_mask.flatten(1).float().mean(1)
 
 
-def pixel_mask(token_mask: torch.Tensor, patch_size: int, layout: str) -> torch.Tensor:
-    """(B, h, w) token mask -> bool pixel mask broadcastable to (B, H, W, C) or (B, C, H, W)."""
-    m = token_mask.bool().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-    return m[..., None] if layout == "HWC" else m[:, None]
+def pixel_mask(token_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, h, w) token mask -> (B, H, W) bool pixel mask (on the mask's device)."""
+    return token_mask.bool().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+
+
+def _select_tokens(images: torch.Tensor, other: torch.Tensor, token_mask: torch.Tensor,
+                   patch_size: int, layout: str) -> None:
+    """other <- images where token_mask, in place. HWC: broadcast the token mask over a
+    (B, h, P, w, P, C) view (contiguous P*C runs); CHW: a (B, 1, H, W) pixel mask broadcast over
+    channels is faster than a 6-D view with 16-element runs (measured on CPU)."""
+    b, p = images.shape[0], patch_size
+    if layout == "HWC":
+        _, hh, ww, c = images.shape
+        h, w = hh // p, ww // p
+        view = lambda t: t.view(b, h, p, w, p, c)  # noqa: E731
+        mask = token_mask.bool().view(b, h, 1, w, 1, 1)
+        torch.where(mask, view(images), view(other), out=view(other))
+    else:
+        torch.where(pixel_mask(token_mask, p)[:, None], images, other, out=other)
 
 
 def apply_mix(images: torch.Tensor, params: MixParams, *, patch_size: int, layout: str = "HWC") -> torch.Tensor:
     """Deterministic mixing of a dense batch (B, H, W, C) or (B, C, H, W) on its own device.
-    Returns a new tensor; the input is not modified."""
+    Returns a new tensor; the input is not modified. Memory traffic: one gather of the partner
+    batch, then one in-place select into it."""
     if params.mode == MODES["none"]:
         return images.clone()
     partner = params.partner.to(images.device, non_blocking=True)
@@ -145,8 +161,9 @@ def apply_mix(images: torch.Tensor, params: MixParams, *, patch_size: int, layou
     if params.mode == MODES["mixup"]:
         lam = params.blend
         if images.is_floating_point():
-            return images * lam + other * (1.0 - lam)
+            return other.mul_(1.0 - lam).add_(images, alpha=lam)
         mixed = images.float() * lam + other.float() * (1.0 - lam)
         return mixed.round_().clamp_(0, 255).to(images.dtype)
-    mask = pixel_mask(params.token_mask.to(images.device, non_blocking=True), patch_size, layout)
-    return torch.where(mask, images, other)
+    _select_tokens(images, other, params.token_mask.to(images.device, non_blocking=True),
+                   patch_size, layout)
+    return other

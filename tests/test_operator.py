@@ -11,6 +11,18 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
 
 
+_BUILT = []
+
+
+@pytest.fixture(autouse=True)
+def _shutdown_pipelines():
+    """Shut pipelines down deterministically: a pipeline with a python operator that is
+    garbage-collected while prefetching can deadlock inside that operator."""
+    yield
+    while _BUILT:
+        _BUILT.pop()._shutdown()
+
+
 def source_images(size, layout, dtype, seed=0):
     """Batch k: image i is constant 10*(i+1) + k, with a random label; pixels encode the index."""
     h, w = size
@@ -40,6 +52,7 @@ def build(cfg, *, layout="HWC", dtype=np.uint8, device="cpu", shard_id=0, start=
         return imgs, labels, out.images, out.labels_a, out.labels_b, out.lam, out.token_mask, out.mode
 
     p = pipe()
+    _BUILT.append(p)
     ops["op"].set_batch_index(start)
     p.build()
     return p
@@ -142,6 +155,7 @@ def test_wrong_image_size_names_the_setting():
         return mix(imgs, labels, cfg16).images
 
     p = wrong()
+    _BUILT.append(p)
     p.build()
     with pytest.raises(RuntimeError, match=r"size 16x16 \(MixConfig.image_size\), got shape \(32, 32, 3\)"):
         p.run()
