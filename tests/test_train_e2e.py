@@ -205,3 +205,23 @@ def test_resume_checks_world_size(tree, tmp_path):
     with pytest.raises(ValueError, match=r"written by 2 processes, this run has 1: resume with "
                                          r"the same number of processes"):
         run(TrainConfig.from_dict(d), resume=str(tmp_path / "two.pth"))
+
+
+def test_scan_list_excludes_bad_files(tree, tmp_path):
+    """A truncated JPEG kills the run with its name; the scan's list lets training go on."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tree, data)
+    bad = data / "train" / "c1" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    d = tiny_config(data, tmp_path / "run1", "mixpro", data={"batch_size": 12})
+    with pytest.raises(Exception, match=r"c1/0\.jpg"):
+        run(TrainConfig.from_dict(d))
+    listing = tmp_path / "bad.txt"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.scan", str(data), "--output", str(listing)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1 and "0.jpg" in listing.read_text()
+    d = tiny_config(data, tmp_path / "run2", "mixpro", data={"batch_size": 12, "exclude": str(listing)})
+    res = run(TrainConfig.from_dict(d))
+    assert np.isfinite(res["train_loss"]) and res["history"][0]["count"] == 15

@@ -58,6 +58,7 @@ class DataConfig:
     demo_train_size: int = 20000
     demo_val_size: int = 5000
     demo_raw_dir: Union[str, None] = None  # folder with the four Fashion-MNIST .gz files
+    exclude: Union[str, None] = None       # list of bad files (python -m pipelines.scan ROOT -o)
 
     def __post_init__(self) -> None:
         if (self.train is None) != (self.val is None):

@@ -101,7 +101,7 @@ def build_loaders(cfg: TrainConfig, dist: DistInfo, mix_cfg, train_src: str, val
     dtype = "float16" if dev == "cuda" and cfg.run.amp == "fp16" else "float32"
     common = dict(image_size=d.image_size, device=dev, shard_id=dist.rank,
                   num_shards=dist.world_size, num_threads=d.num_threads, mean=tuple(d.mean),
-                  std=tuple(d.std), dtype=dtype)
+                  std=tuple(d.std), dtype=dtype, exclude=d.exclude)
     train = TrainLoader(train_src, batch_size=d.batch_size, mix=mix_cfg, seed=cfg.run.seed,
                         auto_augment=d.auto_augment, re_prob=d.re_prob,
                         interpolation=d.interpolation, scale=tuple(d.scale),
