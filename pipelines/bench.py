@@ -54,6 +54,10 @@ class Runner:
     def op_seconds(self) -> float:
         return getattr(self.op, "seconds", 0.0)
 
+    @property
+    def op_cpu_seconds(self) -> float:
+        return getattr(self.op, "cpu_seconds", 0.0)
+
     def timed(self, batches: int) -> dict[str, float]:
         """img/s, CPU ms per image and operator ms per batch over the next `batches` batches.
         The batches its queues prefetched while the others ran are taken first, untimed: the
@@ -62,30 +66,34 @@ class Runner:
         for _ in range(self.prefetched):
             next(self.batches)
         self.sync()
-        cpu0, op0, start, seen = cpu_seconds(self.pids()), self.op_seconds, time.perf_counter(), 0
+        cpu0, op0, opc0 = cpu_seconds(self.pids()), self.op_seconds, self.op_cpu_seconds
+        start, seen = time.perf_counter(), 0
         for _ in range(batches):
             seen += next(self.batches)
         self.sync()
-        wall = time.perf_counter() - start
-        return {"img_s": seen / wall, "cpu_ms_per_img": 1000 * (cpu_seconds(self.pids()) - cpu0) / seen,
+        wall, cpu = time.perf_counter() - start, cpu_seconds(self.pids()) - cpu0
+        return {"img_s": seen / wall, "cpu_ms_per_img": 1000 * cpu / seen,
                 "op_ms_per_batch": 1000 * (self.op_seconds - op0) / batches,
-                "op_share": (self.op_seconds - op0) / wall}
+                "op_share": (self.op_seconds - op0) / wall,
+                "op_cpu_share": (self.op_cpu_seconds - opc0) / max(cpu, 1e-9)}
 
 
 def _timed_operator(op: Any) -> Any:
-    """Make the MaskMix operator add its host time per call to `op.seconds` (class swap: DALI
-    holds this very object, so the loader's pipeline is unchanged)."""
+    """Make the MaskMix operator add its host time per call to `op.seconds` (wall) and
+    `op.cpu_seconds` (its thread's CPU time: robust to other processes on a shared machine).
+    A class swap: DALI holds this very object, so the loader's pipeline is unchanged."""
     base = type(op)
 
     class Timed(base):  # type: ignore[misc, valid-type]
         def __call__(self, *args):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return base.__call__(self, *args)
             finally:
                 self.seconds += time.perf_counter() - t0
+                self.cpu_seconds += time.thread_time() - c0
 
-    op.seconds = 0.0
+    op.seconds = op.cpu_seconds = 0.0
     op.__class__ = Timed
     return op
 
@@ -218,6 +226,7 @@ def summarize(rounds: list[dict[str, dict[str, float]]], memory: dict, names: li
                         "cpu_ms_per_img": med["cpu_ms_per_img"],
                         "op_ms_per_batch": med["op_ms_per_batch"] if n in DALI_PRESETS else None,
                         "op_share": med["op_share"] if n in DALI_PRESETS else None,
+                        "op_cpu_share": med["op_cpu_share"] if n in DALI_PRESETS else None,
                         f"x_{ref}": vs_ref[n], "x_torchvision": vs_tv.get(n), **memory[n]})
     return {"reference": ref, "rounds": len(rounds), "results": results}
 
@@ -225,10 +234,15 @@ def summarize(rounds: list[dict[str, dict[str, float]]], memory: dict, names: li
 def table(payload: dict) -> str:
     ref = payload["reference"]
     rows = [(r["config"], r["img_s"], r[f"x_{ref}"], r["x_torchvision"], r["cpu_ms_per_img"],
-             None if r["op_share"] is None else f"{100 * r['op_share']:.2f}%",
-             r["peak_host_mb"], r["peak_device_mb"]) for r in payload["results"]]
+             _pct(r["op_share"]), _pct(r["op_cpu_share"]), r["peak_host_mb"], r["peak_device_mb"])
+            for r in payload["results"]]
     return markdown_table(["config", "img/s", f"x {ref}", "x torchvision+timm", "CPU ms/img",
-                           "MaskMix op share of wall", "peak host MB", "peak device MB"], rows)
+                           "MaskMix op: share of wall", "share of CPU", "peak host MB",
+                           "peak device MB"], rows)
+
+
+def _pct(v: float | None) -> str | None:
+    return None if v is None else f"{100 * v:.1f}%"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
