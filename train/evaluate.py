@@ -294,11 +294,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _loader(source: str, cfg, batch_size: int, device: str, num_threads: int):
+    """The training run's validation preprocessing (as train.main.build_loaders)."""
     from pipelines.loader import ValLoader
     d = cfg.data
     return ValLoader(source, batch_size=batch_size, image_size=d.image_size,
-                     crop_pct=d.crop_pct, device=device, num_threads=num_threads,
-                     mean=tuple(d.mean), std=tuple(d.std))
+                     crop_pct=d.crop_pct, interpolation=d.interpolation, device=device,
+                     num_threads=num_threads, mean=tuple(d.mean), std=tuple(d.std))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
