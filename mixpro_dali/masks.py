@@ -120,6 +120,8 @@ def sample_mix(config: MixConfig, batch_size: int, batch_index: int, shard_id: i
     elif mode == MODES["mixup"]:
         blend = float(rng.beta(config.mixup_alpha, config.mixup_alpha))
     lam = area_lambda(token_mask) if mode != MODES["mixup"] else torch.full((batch_size,), blend)
+    if mode == MODES["none"]:
+        partner = np.arange(batch_size)  # unmixed: labels_b == labels_a
     return MixParams(mode, torch.from_numpy(np.ascontiguousarray(partner)), token_mask, lam.float(), blend)
 
 

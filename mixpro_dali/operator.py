@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from .config import MixConfig
+from .config import MODES, MixConfig
 from .masks import apply_mix, sample_mix
 
 LAYOUTS = ("HWC", "CHW")
@@ -53,8 +53,7 @@ class MaskMixOperator:
 
         return torch.cuda.stream(torch.cuda.ExternalStream(current_dali_stream()))
 
-    def _stack(self, samples: list[Any]) -> torch.Tensor:
-        tensors = [torch.from_dlpack(t) for t in samples]
+    def _check(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         spatial = (0, 1) if self.layout == "HWC" else (1, 2)
         want = tuple(self.config.image_size)
         for t in tensors:
@@ -64,25 +63,30 @@ class MaskMixOperator:
                     f"(MixConfig.image_size), got shape {tuple(t.shape)}; resize/crop before mix "
                     "or fix layout=/image_size="
                 )
-        return torch.stack(tensors)
+        return tensors
 
     def __call__(self, images: list[Any], labels: list[Any]) -> tuple[list[Any], ...]:
         with self._stream():
-            x = self._stack(images)                                    # (B, H, W, C) | (B, C, H, W)
+            samples = self._check([torch.from_dlpack(t) for t in images])
             y = torch.stack([torch.from_dlpack(t) for t in labels])    # (B, ...) as read
-            params = sample_mix(self.config, x.shape[0], self._batch_index, self.shard_id)
+            params = sample_mix(self.config, len(samples), self._batch_index, self.shard_id)
             self._batch_index += 1
-            mixed = apply_mix(x, params, patch_size=self.config.patch_size, layout=self.layout)
-            dev = x.device
+            if params.mode == MODES["none"]:
+                mixed = samples                   # unmixed batch: hand DALI its inputs back
+            else:
+                x = torch.stack(samples)          # (B, H, W, C) | (B, C, H, W)
+                mixed = apply_mix(x, params, patch_size=self.config.patch_size,
+                                  layout=self.layout).unbind(0)
+            dev = y.device
             outs = (
-                mixed,
                 y,
                 y.index_select(0, params.partner.to(dev)),
                 params.lam.to(dev),                                    # (B,)
                 params.token_mask.to(dev),                             # (B, h, w)
-                torch.full((x.shape[0],), params.mode, dtype=torch.int32, device=dev),
+                torch.full((len(samples),), params.mode, dtype=torch.int32, device=dev),
             )
-            return tuple([to_dlpack(s) for s in t.unbind(0)] for t in outs)
+            return ([to_dlpack(s) for s in mixed],
+                    *([to_dlpack(s) for s in t.unbind(0)] for t in outs))
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,15 @@ def test_mixup_output_is_the_blend():
     np.testing.assert_array_equal(lb, labels[::-1])
 
 
+def test_unmixed_batches_pass_through():
+    cfg = MixConfig.preset("none", image_size=16, patch_size=8, mask_patch=8)
+    for layout, dtype in (("HWC", np.uint8), ("CHW", np.float16)):
+        x, labels, out, la, lb, lam, tmask, mode = run(build(cfg, layout=layout, dtype=dtype))
+        np.testing.assert_array_equal(out, x)
+        assert out.dtype == dtype and (mode == 0).all() and (lam == 1).all() and (tmask == 1).all()
+        np.testing.assert_array_equal(lb, labels)
+
+
 def test_same_seed_same_batches_and_shards_differ():
     cfg = MixConfig.preset("mixpro", image_size=32, patch_size=8, mask_patch=8, seed=4)
     a, b, c = build(cfg), build(cfg), build(cfg, shard_id=1)
