@@ -36,7 +36,9 @@ from .bench_report import (MemorySampler, cpu_seconds, machine_info, markdown_ta
 __all__ = ["CONFIGS", "RECIPES", "bench_dali", "bench_torchvision", "run_pipeline_bench", "main"]
 
 RECIPES = {"full": dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
-           "no-ra-erasing": dict(auto_augment=None, re_prob=0.0)}
+           "no-ra-erasing": dict(auto_augment=None, re_prob=0.0),
+           "ra-only": dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0),   # stage profile
+           "erasing-only": dict(auto_augment=None, re_prob=0.25)}
 DALI_PRESETS = {"dali": "none", "dali+maskmix": "maskmix", "dali+mixpro": "mixpro"}
 CONFIGS = (*DALI_PRESETS, "torchvision+timm")
 
@@ -266,7 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--time-limit", type=float, default=0, help="stop after the round that passes it")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="full",
-                   help="full: the DeiT recipe; no-ra-erasing: without RandAugment and erasing")
+                   help="full: the DeiT recipe; no-ra-erasing: without RandAugment and erasing; "
+                   "ra-only / erasing-only: one of the two (to profile their cost)")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", type=Path, help="write pipeline-<device>[-<recipe>].json/.md/.png here")
     a = p.parse_args(argv)
