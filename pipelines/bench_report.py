@@ -170,7 +170,7 @@ def bar_plot(path: Path, title: str, bars: Sequence[tuple[str, float, str]], uni
     except TypeError:                                   # Pillow < 10.1: fixed-size bitmap font
         font = small = ImageFont.load_default()
     row, left, width = 34, 260, 460
-    img = Image.new("RGB", (left + width + 170, 60 + row * len(bars) + 30), "white")
+    img = Image.new("RGB", (left + width + 260, 60 + row * len(bars) + 30), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 10), title, fill="black", font=font)
     top = max((v for _, v, _ in bars), default=1.0) or 1.0
