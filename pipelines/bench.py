@@ -207,7 +207,7 @@ def run_pipeline_bench(data: Path, a: argparse.Namespace, log=print) -> dict[str
         log(f"built {name}: {memory[name]}")
     rounds: list[dict[str, dict[str, float]]] = []
     try:
-        deadline = time.monotonic() + a.time_limit if a.time_limit else None
+        deadline = a.t0 + a.time_limit if a.time_limit else None      # from the start
         for r in range(a.rounds):
             order = names if r % 2 == 0 else names[::-1]
             rounds.append({n: runners[n].timed(a.batches) for n in order})
@@ -266,13 +266,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=20, help="timed batches per window")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches after building")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--time-limit", type=float, default=0, help="stop after the round that passes it")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds from the start (data and builds included): no round starts after")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="full",
                    help="full: the DeiT recipe; no-ra-erasing: without RandAugment and erasing; "
                    "ra-only / erasing-only: one of the two (to profile their cost)")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", type=Path, help="write pipeline-<device>[-<recipe>].json/.md/.png here")
     a = p.parse_args(argv)
+    a.t0 = time.monotonic()
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     bad = [c for c in a.configs if c not in CONFIGS]
     if bad:
@@ -295,7 +297,8 @@ def main(argv=None) -> int:
 
         data = a.data or make_imagenet_like(Path(tmp) / "data", a.images, workers=os.cpu_count() or 1)
         payload = {"title": f"Pipeline throughput, {a.device}", "machine": machine_info(),
-                   "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                   "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+                                if k != "t0"},
                    "data": {"path": str(a.data) if a.data else "generated (pipelines.imagenet_like)",
                             **describe(data)}}
         payload.update(run_pipeline_bench(data, a))

@@ -138,7 +138,7 @@ def run_train_bench(data: str, a, log=print) -> dict:
     names = [(m, k) for m in a.models for k in a.methods]
     configs, memory = build_all(names, data, a, log)
     rounds: list[dict[str, dict[str, float]]] = []
-    deadline = time.monotonic() + a.time_limit if a.time_limit else None
+    deadline = a.t0 + a.time_limit if a.time_limit else None          # from the start
     try:
         for r in range(a.rounds):
             keys = list(configs) if r % 2 == 0 else list(configs)[::-1]
@@ -197,13 +197,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per window (30 cuda, 10 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after building")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--time-limit", type=float, default=0, help="stop after the round that passes it")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds from the start (data and builds included): no round starts after")
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (cuda: all cores)")
     p.add_argument("--images", type=int, default=None, help="generated images without --data")
     p.add_argument("--data", default=None, help="class-folder tree (default: ImageNet-like JPEGs)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--out", type=Path, default=None, help="write train-<device>.json/.md/.png here")
     a = p.parse_args(argv)
+    a.t0 = time.monotonic()
     gpu = a.device == "cuda"
     a.models = (a.models or ("deit_tiny_patch16_224,deit_small_patch16_224" if gpu
                              else "vit_tiny_patch16_224")).split(",")
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
         shape = None if a.size >= 128 else (a.size * 5 // 4,) * 2
         data = a.data or str(make_imagenet_like(Path(tmp) / "train", a.images, shape=shape))
         payload = {"title": f"Training throughput, {a.device}", "machine": machine_info(),
-                   "settings": {k: v for k, v in vars(a).items() if k not in ("out",)},
+                   "settings": {k: v for k, v in vars(a).items() if k not in ("out", "t0")},
                    "data": {"path": a.data or f"generated (pipelines.imagenet_like, {shape or 'ImageNet shapes'})",
                             **describe(data)}}
         payload.update(run_train_bench(data, a))
