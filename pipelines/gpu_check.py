@@ -243,7 +243,10 @@ def run_bench(cmd: list[str], timeout: float, log) -> dict[str, Any]:
 
 
 def evaluate_targets(out: Path, device: str) -> dict[str, Any]:
+    """The GPU targets read off the benchmark JSONs ({} on the CPU: they are GPU targets)."""
     res: dict[str, Any] = {}
+    if device != "cuda":
+        return res
     pj, tj = out / f"pipeline-{device}.json", out / f"train-{device}.json"
     if pj.exists():
         rows = {r["config"]: r for r in json.loads(pj.read_text())["results"]}
