@@ -160,3 +160,23 @@ def fashion_mnist_tree(root: Path, raw: Path, per_class: int = 4) -> tuple[list[
             files.append(str(write(root / f"{k:02d}" / f"{j:03d}.png", buf.getvalue()).resolve()))
             out_labels.append(k)
     return files, out_labels
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    """An IDX file (the Fashion-MNIST format), gzipped."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def fake_fashion_mnist(d: Path, *, train_per_class: int, test_per_class: int) -> Path:
+    """Fashion-MNIST's four .gz files with 10 classes; pixel value = 20 * class + 5."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, per in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10), per))
+        images = np.zeros((len(labels), 28, 28), np.uint8)
+        images[:, 4:24, 4:24] = (20 * labels + 5)[:, None, None]
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    return d

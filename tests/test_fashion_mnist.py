@@ -7,6 +7,7 @@ import gzip
 import os
 from pathlib import Path
 
+import jpeg_factory as jf
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,26 +15,10 @@ from PIL import Image
 from pipelines import fashion_mnist as fm
 
 
-def write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(n).to_bytes(4, "big")
-                                                      for n in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def raw(tmp_path) -> Path:
     """Fake Fashion-MNIST: 12 train / 6 test images per class, pixel value = 20 * class + 5."""
-    d = tmp_path / "raw"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 12), ("t10k", 6)):
-        labels = rng.permutation(np.repeat(np.arange(10), per))
-        images = np.zeros((len(labels), 28, 28), np.uint8)
-        images[:, 4:24, 4:24] = (20 * labels + 5)[:, None, None]
-        write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
-    return d
+    return jf.fake_fashion_mnist(tmp_path / "raw", train_per_class=12, test_per_class=6)
 
 
 def test_read_idx_round_trip(raw):

@@ -3,11 +3,11 @@ CLI), skip / resume / failure handling of the runner (subprocesses faked), aggre
 numpy, and the aggregate-only CLI."""
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
 
+import jpeg_factory as jf
 import numpy as np
 import pytest
 
@@ -15,26 +15,10 @@ from train import study
 from train.__main__ import resolve
 
 
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(n).to_bytes(4, "big")
-                                                      for n in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def raw(tmp_path) -> Path:
     """Fake Fashion-MNIST: 10 train / 5 test images per class."""
-    d = tmp_path / "raw"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 10), ("t10k", 5)):
-        labels = rng.permutation(np.repeat(np.arange(10), per))
-        images = np.zeros((len(labels), 28, 28), np.uint8)
-        images[:, 4:24, 4:24] = (20 * labels + 5)[:, None, None]
-        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
-    return d
+    return jf.fake_fashion_mnist(tmp_path / "raw", train_per_class=10, test_per_class=5)
 
 
 def _read(path: Path) -> list[tuple[str, int]]:
