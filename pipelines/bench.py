@@ -288,8 +288,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     import torch
 
-    a = parse_args(argv)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the main process only collates/times; restored below
+    try:
+        return _main(parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(a) -> int:
+    import torch
+
     if a.device == "cuda":
         torch.cuda.init()              # the CUDA context is not counted as a config's memory
     with tempfile.TemporaryDirectory() as tmp:

@@ -117,7 +117,8 @@ def test_resume_after_kill_reproduces_losses(tree, tmp_path, monkeypatch):
     cfg_file = tmp_path / "killed.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     script = textwrap.dedent(f"""
-        import os, signal, yaml
+        import os, signal, torch, yaml
+        torch.set_num_threads({torch.get_num_threads()})  # same float reductions as this process
         from train.config import TrainConfig
         from train.engine import Engine
         from train.main import run
