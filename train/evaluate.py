@@ -225,6 +225,11 @@ def plot_curves(panels: dict[str, dict[str, tuple]], path: str | Path, *,
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=8)
+    return _save_figure(fig, path, title)
+
+
+def _save_figure(fig, path: str | Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -257,14 +262,7 @@ def plot_reliability(bins: dict[str, list[dict[str, float]]], path: str | Path, 
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("accuracy")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, title)
 
 
 def _parser() -> argparse.ArgumentParser:
