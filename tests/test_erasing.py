@@ -10,6 +10,7 @@ from scipy import stats
 from nvidia.dali import fn, pipeline_def
 from pipelines.erasing import random_erasing
 from timm.data.random_erasing import RandomErasing
+from dali_checks import assert_checkpoint_resumes_exactly
 
 H, W = 24, 40
 
@@ -164,12 +165,4 @@ def test_checkpoint_resume_is_exact():
         x = fn.external_source(source=lambda: images, batch=True, layout="CHW")
         return random_erasing(x, prob=0.5, count=2)
 
-    first = pipe()
-    first.build()
-    first.run()
-    checkpoint = first.checkpoint()
-    expected = [np.array(t) for _ in range(3) for t in first.run()[0]]
-    resumed = pipe(checkpoint=checkpoint)
-    resumed.build()
-    got = [np.array(t) for _ in range(3) for t in resumed.run()[0]]
-    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    assert_checkpoint_resumes_exactly(pipe)
