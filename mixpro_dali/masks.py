@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -131,41 +132,41 @@ def area_lambda(token_mask: torch.Tensor) -> torch.Tensor:
     return token_mask.flatten(1).float().mean(1)
 
 
-def pixel_mask(token_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, h, w) token mask -> (B, H, W) bool pixel mask (on the mask's device)."""
-    return token_mask.bool().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-
-
-def _select_tokens(images: torch.Tensor, other: torch.Tensor, token_mask: torch.Tensor,
+def _select_tokens(image: torch.Tensor, out: torch.Tensor, token_mask: torch.Tensor,
                    patch_size: int, layout: str) -> None:
-    """other <- images where token_mask, in place. HWC: broadcast the token mask over a
-    (B, h, P, w, P, C) view (contiguous P*C runs); CHW: a (B, 1, H, W) pixel mask broadcast over
-    channels is faster than a 6-D view with 16-element runs (measured on CPU)."""
-    b, p = images.shape[0], patch_size
+    """out <- image where token_mask, in place, for one sample or a batch (leading dims).
+    HWC: broadcast the token mask over a (..., h, P, w, P, C) view (contiguous P*C runs); CHW: a
+    (..., 1, H, W) pixel mask broadcast over channels is faster than a view with P-element runs
+    (measured on CPU)."""
+    p, lead = patch_size, image.shape[:-3]
     if layout == "HWC":
-        _, hh, ww, c = images.shape
+        hh, ww, c = image.shape[-3:]
         h, w = hh // p, ww // p
-        view = lambda t: t.view(b, h, p, w, p, c)  # noqa: E731
-        mask = token_mask.bool().view(b, h, 1, w, 1, 1)
-        torch.where(mask, view(images), view(other), out=view(other))
+        view = lambda t: t.view(*lead, h, p, w, p, c)  # noqa: E731
+        mask = token_mask.bool().view(*lead, h, 1, w, 1, 1)
+        torch.where(mask, view(image), view(out), out=view(out))
     else:
-        torch.where(pixel_mask(token_mask, p)[:, None], images, other, out=other)
+        pixels = token_mask.bool().repeat_interleave(p, -2).repeat_interleave(p, -1)
+        torch.where(pixels.unsqueeze(-3), image, out, out=out)
 
 
-def apply_mix(images: torch.Tensor, params: MixParams, *, patch_size: int, layout: str = "HWC") -> torch.Tensor:
-    """Deterministic mixing of a dense batch (B, H, W, C) or (B, C, H, W) on its own device.
-    Returns a new tensor; the input is not modified. Memory traffic: one gather of the partner
-    batch, then one in-place select into it."""
+def apply_mix(images: torch.Tensor | Sequence[torch.Tensor], params: MixParams, *,
+              patch_size: int, layout: str = "HWC") -> torch.Tensor:
+    """Deterministic mixing on the images' device: a dense batch (B, H, W, C) | (B, C, H, W), or
+    the batch's B samples as separate tensors (DALI's buffers: no stacking copy). Returns a new
+    dense tensor; the inputs are not modified. Memory traffic: one gather of the partner batch
+    (the output buffer), then one in-place select or blend into it."""
+    samples = images.unbind(0) if isinstance(images, torch.Tensor) else list(images)
     if params.mode == MODES["none"]:
-        return images.clone()
-    partner = params.partner.to(images.device, non_blocking=True)
-    other = images.index_select(0, partner)
-    if params.mode == MODES["mixup"]:
-        lam = params.blend
-        if images.is_floating_point():
-            return other.mul_(1.0 - lam).add_(images, alpha=lam)
-        mixed = images.float() * lam + other.float() * (1.0 - lam)
-        return mixed.round_().clamp_(0, 255).to(images.dtype)
-    _select_tokens(images, other, params.token_mask.to(images.device, non_blocking=True),
-                   patch_size, layout)
-    return other
+        return torch.stack(samples)
+    out = torch.stack([samples[j] for j in params.partner.tolist()])  # partner batch
+    mask = params.token_mask.to(out.device, non_blocking=True)
+    for i, (image, o) in enumerate(zip(samples, out.unbind(0))):
+        if params.mode != MODES["mixup"]:
+            _select_tokens(image, o, mask[i], patch_size, layout)
+        elif image.is_floating_point():
+            o.mul_(1.0 - params.blend).add_(image, alpha=params.blend)
+        else:
+            o.copy_(image.float().mul_(params.blend).add_(o.float(), alpha=1.0 - params.blend)
+                    .round_().clamp_(0, 255))
+    return out

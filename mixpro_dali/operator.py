@@ -74,9 +74,8 @@ class MaskMixOperator:
             if params.mode == MODES["none"]:
                 mixed = samples                   # unmixed batch: hand DALI its inputs back
             else:
-                x = torch.stack(samples)          # (B, H, W, C) | (B, C, H, W)
-                mixed = apply_mix(x, params, patch_size=self.config.patch_size,
-                                  layout=self.layout).unbind(0)
+                mixed = apply_mix(samples, params, patch_size=self.config.patch_size,
+                                  layout=self.layout).unbind(0)   # no stacking copy of A
             dev = y.device
             outs = (
                 y,

@@ -73,14 +73,14 @@ _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "neares
 _POOLS: dict = {}
 
 
-def _pool(threads: int):
+def worker_pool(threads: int):
     """One worker pool per size, shared by all pipelines of the process (no thread leaks when
     loaders are rebuilt)."""
     from concurrent.futures import ThreadPoolExecutor
 
     threads = max(1, threads)
     if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pipelines-resize")
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pipelines-worker")
     return _POOLS[threads]
 
 
@@ -117,7 +117,7 @@ class TorchResize:
     def __call__(self, samples: list) -> list:
         if self.threads <= 1:
             return [self.one(s) for s in samples]
-        return list(_pool(self.threads).map(self.one, samples))
+        return list(worker_pool(self.threads).map(self.one, samples))
 
 
 def _resize(images, *, backend: str, interpolation: str, threads: int, size=None, shorter=None):

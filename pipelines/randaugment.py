@@ -10,13 +10,21 @@ with timm's version, so this module reproduces timm per sample and per layer:
 3. per application: magnitude ``clip(m + N(0, mstd), 0, mmax)`` (``mstd > 100``:
    ``clip(U(0, m), 0, mmax)``), a fresh random sign for signed ops, timm's level->argument map.
 
-Ops are DALI ``@augmentation`` objects dispatched per sample by ``auto_aug.core.select`` (the
-same conditional split DALI's rand_augment uses); parameters are per-sample DataNodes computed on
-the CPU, so the same graph runs on cpu or gpu images. Worked example, ``rand-m9-mstd0.5-inc1``
-with level 9.4 and sign -1: Rotate -28.2 deg, PosterizeIncreasing keeps 4 - int(3.76) = 1 bit,
-SolarizeIncreasing threshold 256 - 240 = 16, BrightnessIncreasing factor 1 - 0.846 = 0.154.
-CPU cost (decode -> resize 224 -> RA, 2 threads): ~0.76x the img/s without RA; DALI's
-``rand_augment(n=2, m=9)`` ~0.60x (it applies every op; timm applies each with p=0.5).
+Decisions (op, coin, magnitude, sign) are per-sample DALI random nodes on the CPU, so both
+backends and both kernel sets draw the same values for the same seeds and DALI checkpoints
+cover them. Kernels (``kernels=``): on gpu images, DALI ``@augmentation`` ops dispatched per
+sample by ``auto_aug.core.select`` (the conditional split DALI's rand_augment uses); on cpu
+images, Pillow's own ops (``ra_kernels``: one python operator per layer on a thread pool),
+because DALI's CPU kernels cost 2-4x more than Pillow's here. Level -> argument maps are one
+expression evaluated by DALI (float32) or numpy (float64). Worked example,
+``rand-m9-mstd0.5-inc1`` with level 9.4 and sign -1: Rotate -28.2 deg, PosterizeIncreasing
+keeps 4 - int(3.76) = 1 bit, SolarizeIncreasing threshold 256 - 240 = 16, BrightnessIncreasing
+factor 1 - 0.846 = 0.154. CPU cost in the DeiT training pipeline (224 px, 2 threads, batch 64):
++0.5-1.3 ms of CPU per image with the Pillow kernels (two runs), +1.7 ms with DALI's.
+
+The table compares the DALI kernels (the gpu path); the Pillow kernels equal timm's ops
+bitwise for the same argument (tested), except geometric ops are bilinear and 0-bit posterize
+is black, as below.
 
 | aspect | vs timm 1.0.31 + PIL |
 |---|---|
@@ -174,55 +182,82 @@ def _resolve(values: dict) -> RandAugmentPolicy:
         weights=weights)
 
 
-# ---- level -> op argument: timm's LEVEL_TO_ARG in DALI arithmetic ----
+# ---- level -> op argument: timm's LEVEL_TO_ARG, one definition for DALI nodes and torch ----
 # `level` is the per-sample *signed* magnitude (timm's random sign times the clipped magnitude),
-# one node instead of two through every conditional split; unsigned ops take its abs.
+# one node instead of two through every conditional split; unsigned ops take its abs. `m` is the
+# arithmetic backend: _DALI (DataNodes: the GPU path, kernels="dali") or _NUMPY (float32 scalars:
+# the Pillow kernels of ra_kernels), so both paths compute every argument with one expression.
+class _DaliMath:
+    abs, floor, clamp = staticmethod(dmath.abs), staticmethod(dmath.floor), staticmethod(dmath.clamp)
+    min, max = staticmethod(dmath.min), staticmethod(dmath.max)
+
+    @staticmethod
+    def int(x):  # python int() of a non-negative float: floor, then an exact cast
+        return fn.cast(dmath.floor(x), dtype=types.INT32)
+
+    @staticmethod
+    def uint8(x):
+        return fn.cast(x, dtype=types.UINT8)
+
+
+class _NumpyMath:  # numpy scalars (float64, as timm), for the Pillow kernels of ra_kernels
+    abs, floor, clamp = staticmethod(np.abs), staticmethod(np.floor), staticmethod(np.clip)
+    min, max = staticmethod(np.minimum), staticmethod(np.maximum)
+
+    @staticmethod
+    def int(x):
+        return np.floor(x).astype(np.int32)
+
+    @staticmethod
+    def uint8(x):
+        return np.asarray(x).astype(np.uint8)
+
+
+_DALI, _NUMPY = _DaliMath(), _NumpyMath()
+
+
 def _signed(scale):
-    return lambda level: level * (scale / _LEVEL_DENOM)
+    return lambda level, m=_DALI: level * (scale / _LEVEL_DENOM)
 
 
-def _unsigned(level, scale):
-    return dmath.abs(level) * (scale / _LEVEL_DENOM)
+def _unsigned(level, scale, m):
+    return m.abs(level) * (scale / _LEVEL_DENOM)
 
 
-def _int(x):  # python int() of a non-negative float: floor, then an exact cast
-    return fn.cast(dmath.floor(x), dtype=types.INT32)
+def _enhance(level, m=_DALI):
+    return _unsigned(level, 1.8, m) + 0.1
 
 
-def _enhance(level):
-    return _unsigned(level, 1.8) + 0.1
+def _enhance_increasing(level, m=_DALI):
+    return m.max(1.0 + level * (0.9 / _LEVEL_DENOM), 0.1)
 
 
-def _enhance_increasing(level):
-    return dmath.max(1.0 + level * (0.9 / _LEVEL_DENOM), 0.1)
+def _posterize(level, m=_DALI):
+    return m.int(_unsigned(level, 4.0, m))
 
 
-def _posterize(level):
-    return _int(_unsigned(level, 4.0))
+def _posterize_increasing(level, m=_DALI):
+    return 4 - _posterize(level, m)
 
 
-def _posterize_increasing(level):
-    return 4 - _posterize(level)
+def _solarize(level, m=_DALI):
+    return m.min(m.int(_unsigned(level, 256.0, m)), 256)
 
 
-def _solarize(level):
-    return dmath.min(_int(_unsigned(level, 256.0)), 256)
+def _solarize_increasing(level, m=_DALI):
+    return 256 - _solarize(level, m)
 
 
-def _solarize_increasing(level):
-    return 256 - _solarize(level)
+def _solarize_add(level, m=_DALI):
+    return m.uint8(m.min(m.int(_unsigned(level, 110.0, m)), 128))
 
 
-def _solarize_add(level):
-    return fn.cast(dmath.min(_int(_unsigned(level, 110.0)), 128), dtype=types.UINT8)
+def _desaturate(level, m=_DALI):  # timm: clamp(1 - clamp(0.5 + 0.5 * level / 10, 0.5, 1), 0, 1)
+    return 1.0 - m.clamp(0.5 + _unsigned(level, 0.5, m), 0.5, 1.0)
 
 
-def _desaturate(level):  # timm: clamp(1 - clamp(0.5 + 0.5 * level / 10, 0.5, 1), 0, 1)
-    return 1.0 - dmath.clamp(0.5 + _unsigned(level, 0.5), 0.5, 1.0)
-
-
-def _blur_radius(level):
-    return dmath.clamp(0.1 + _unsigned(level, 1.9), 0.1, 2.0)
+def _blur_radius(level, m=_DALI):
+    return m.clamp(0.1 + _unsigned(level, 1.9, m), 0.1, 2.0)
 
 
 # ---- kernels: kernel(data, arg, *, fill, size); uint8 HWC, cpu or gpu ----
@@ -383,16 +418,26 @@ def _check_input(images, fill):
         raise ValueError(f"fill must be None, an int or 3 ints in [0, 255], got {fill}")
 
 
+KERNELS = ("auto", "pillow", "dali")
+
+
 def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-mstd0.5-inc1", *,
                  fill: int | Sequence[int] | None = IMAGENET_FILL,
-                 seed: int | None = None) -> DataNode:
+                 seed: int | None = None, kernels: str = "auto",
+                 threads: int | None = None) -> DataNode:
     """timm RandAugment on a batch of uint8 HWC images (cpu or gpu DataNode), same shape/dtype.
 
     ``fill``: color of the area geometric ops uncover (per channel; None repeats the border).
     ``seed``: seeds this op's random streams; None derives them from the pipeline seed.
+    ``kernels``: who applies the ops once DALI has drawn the decisions: "dali" (DALI operators in
+    conditional branches), "pillow" (``ra_kernels``: one python operator per layer running
+    Pillow's ops on ``threads`` workers, default the pipeline's num_threads; cpu images only) or
+    "auto" (Pillow for cpu images, DALI for gpu images or ``fill=None``). Same draws either way.
     Needs ``@pipeline_def(enable_conditionals=True)``; gpu images also need DALI's default
     dynamic executor (the image size is read on the CPU for Rotate/Translate).
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     policy = parse_policy(policy) if isinstance(policy, str) else policy
     if not isinstance(policy, RandAugmentPolicy):
         raise TypeError(f"policy must be a str or RandAugmentPolicy, got {type(policy)}")
@@ -402,23 +447,54 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
     n = policy.num_layers
     if n == 0 or policy.prob == 0:
         return images
+    use_pillow = kernels == "pillow" or (kernels == "auto" and images.device == "cpu"
+                                         and fill is not None)
+    if use_pillow and images.device != "cpu":
+        raise ValueError("kernels='pillow' runs on cpu images only; use 'auto' or 'dali' for gpu")
     seeds = _seeds(seed, 4 * n)
     ops = [_OPS[name] for name in policy.transforms]
     op_idx = sample_ops(policy, seeds[:n])
     size = None  # (W, H) float32, PIL's img.size
-    if _NEEDS_SIZE & set(policy.transforms):
+    if not use_pillow and _NEEDS_SIZE & set(policy.transforms):
         hwc = images.shape(dtype=types.INT32)
         size = fn.cast(fn.stack(hwc[1], hwc[0]), dtype=types.FLOAT)
+    layer_op = _pillow_layer(policy, fill, threads) if use_pillow else None
     for layer in range(n):
         s_apply, s_level, s_sign = seeds[n + 3 * layer: n + 3 * layer + 3]
         sign = fn.random.uniform(values=[-1.0, 1.0], seed=s_sign)
-        kwargs = dict(level=sample_level(policy, s_level) * sign, fill=fill)
-        if size is not None:
-            kwargs["size"] = size
+        level = sample_level(policy, s_level) * sign
+        apply = None
         if policy.prob < 1.0:
             apply = fn.random.coin_flip(probability=policy.prob, dtype=types.BOOL, seed=s_apply)
+        if layer_op is not None:
+            if apply is None:
+                apply = fn.constant(idata=1, shape=[], dtype=types.BOOL)
+            images = fn.dl_tensor_python_function(
+                images, op_idx[layer], apply, level, function=layer_op, batch_processing=True,
+                num_outputs=1, output_layouts="HWC", synchronize_stream=False)
+            continue
+        kwargs = dict(level=level, fill=fill)
+        if size is not None:
+            kwargs["size"] = size
+        if apply is not None:
             if apply:
                 images = select(ops, op_idx[layer], images, **kwargs)
         else:
             images = select(ops, op_idx[layer], images, **kwargs)
     return images
+
+
+def _pillow_layer(policy: RandAugmentPolicy, fill, threads: int | None):
+    """ra_kernels.RandAugmentLayer for the policy's ops, with the same level maps as DALI's."""
+    from nvidia.dali.pipeline import Pipeline
+
+    from .decode import worker_pool
+    from .ra_kernels import RandAugmentLayer
+
+    if threads is None:
+        current = Pipeline.current()
+        threads = current.num_threads if current is not None else 1
+    maps = [_OP_TABLE[name][1] for name in policy.transforms]
+    to_arg = [None if f is None else (lambda level, f=f: f(level, _NUMPY)) for f in maps]
+    return RandAugmentLayer(policy.transforms, to_arg, fill,
+                            pool=worker_pool(threads) if threads > 1 else None)

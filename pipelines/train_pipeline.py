@@ -80,23 +80,12 @@ def no_mix_config(image_size: tuple[int, int]) -> MixConfig:
 
 
 def _augmentations(opts: TrainOptions):
-    """(rand_augment, random_erasing) from the sibling modules when the options need them."""
-    rand_augment = random_erasing = None
-    if opts.auto_augment:
-        try:
-            from .randaugment import rand_augment
-        except ImportError as e:  # TODO(issue 3): pipelines/randaugment.py lands separately.
-            raise NotImplementedError(
-                f"auto_augment={opts.auto_augment!r} needs pipelines/randaugment.py ({e}); "
-                "pass auto_augment=None to train without RandAugment") from e
-    if opts.re_prob > 0:
-        try:
-            from .erasing import random_erasing
-        except ImportError as e:  # TODO(issue 3): pipelines/erasing.py lands separately.
-            raise NotImplementedError(
-                f"re_prob={opts.re_prob} needs pipelines/erasing.py ({e}); pass re_prob=0 to "
-                "train without random erasing") from e
-    return rand_augment, random_erasing
+    """(rand_augment, random_erasing), each None when the options switch it off."""
+    from .erasing import random_erasing
+    from .randaugment import rand_augment
+
+    return (rand_augment if opts.auto_augment else None,
+            random_erasing if opts.re_prob > 0 else None)
 
 
 def build_train_pipeline(source: Source, *, batch_size: int, opts: TrainOptions,

@@ -76,14 +76,16 @@ def test_single_box_is_a_rectangle_within_area_bounds():
         assert (out[:, mask] == 0).all()  # const mode: 0 in every channel
 
 
+@pytest.mark.parametrize("kernels", ["torch", "dali"])
 @pytest.mark.parametrize("layout", ["CHW", "HWC"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_pixel_mode_noise_inside_and_nothing_outside(layout, dtype):
+def test_pixel_mode_noise_inside_and_nothing_outside(layout, dtype, kernels):
     rng = np.random.default_rng(0)
     images = [rng.uniform(3, 4, (3, H, W)).astype(dtype) for _ in range(64)]
     if layout == "HWC":
         images = [np.ascontiguousarray(i.transpose(1, 2, 0)) for i in images]
-    outs = run(images, lambda x: random_erasing(x, prob=1.0, layout=layout), layout=layout)
+    outs = run(images, lambda x: random_erasing(x, prob=1.0, layout=layout, kernels=kernels),
+               layout=layout)
     noise = []
     for image, out in zip(images, outs):
         assert out.dtype == dtype and out.shape == image.shape
@@ -156,13 +158,28 @@ def test_needs_a_data_node_and_conditionals():
 
 
 @pytest.mark.filterwarnings("ignore:Checkpointing enabled")
-def test_checkpoint_resume_is_exact():
+@pytest.mark.parametrize("kernels", ["torch", "dali"])
+def test_checkpoint_resume_is_exact(kernels):
     images = [np.random.default_rng(3).normal(size=(3, H, W)).astype(np.float32)] * 16
 
     @pipeline_def(batch_size=16, num_threads=2, device_id=None, seed=5,
                   enable_conditionals=True, enable_checkpointing=True)
     def pipe():
         x = fn.external_source(source=lambda: images, batch=True, layout="CHW")
-        return random_erasing(x, prob=0.5, count=2)
+        return random_erasing(x, prob=0.5, count=2, kernels=kernels)
 
     assert_checkpoint_resumes_exactly(pipe)
+
+
+def test_torch_and_dali_kernels_erase_the_same_boxes():
+    """The kernels only paint: which images, how many boxes and where are DALI's draws."""
+    images = [np.full((3, H, W), 5.0, np.float32)] * 64
+    masks = {k: erased_masks(run(images, lambda x: random_erasing(
+        x, prob=0.5, count=3, seed=8, kernels=k), seed=2, batches=2)) for k in ("torch", "dali")}
+    assert all(np.array_equal(a, b) for a, b in zip(masks["torch"], masks["dali"]))
+    assert 0 < sum(m.any() for m in masks["torch"]) < 128
+
+
+def test_kernel_choice_errors():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        random_erasing(None, kernels="cuda")

@@ -1,0 +1,138 @@
+"""Pillow kernels of the RandAugment ops: what CPU pipelines run instead of DALI's CPU operators.
+
+Why: at 224 px DALI's CPU operators cost 2-4x more per image than Pillow for these ops (a
+bilinear ``warp_affine`` ~3.6 ms of CPU per image, Pillow's affine ~1.0 ms; blends ~2x), and
+batched torch rewrites measured no better than DALI here (every uint8 <-> float pass costs as
+much as Pillow's whole LUT op). So on the CPU ``rand_augment`` still draws every decision in DALI
+(op, coin, magnitude, sign: the same nodes, seeds and checkpoints as the GPU path) and applies a
+layer in one python operator that runs Pillow's ops, the ones timm itself runs, on a thread pool
+(Pillow releases the GIL inside its kernels). On the GPU it keeps DALI's operators.
+
+Each kernel is ``kernel(image: PIL.Image RGB, arg, fill) -> PIL.Image`` with ``arg`` the op's
+argument after timm's level map (as ``randaugment`` computes it, shared with the DALI path; None
+for ops without one). Outputs equal timm 1.0.31's ops for the same argument, with two
+deliberate differences: geometric ops always resample bilinearly (as the DALI path; timm uses
+the train interpolation), and PosterizeIncreasing at 0 bits gives a black image where Pillow 13
+raises (the DeiT crash, see shared/docs/anchors.md).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+__all__ = ["KERNELS", "RandAugmentLayer"]
+
+_BILINEAR = Image.Resampling.BILINEAR
+
+
+def _affine(image, matrix, fill):
+    return image.transform(image.size, Image.Transform.AFFINE, matrix, _BILINEAR, fillcolor=fill)
+
+
+def _posterize(image, bits, _fill):
+    bits = int(bits)
+    if bits <= 0:                      # timm intends black; Pillow >= 10 raises for 0 bits
+        return Image.new(image.mode, image.size, 0)
+    return image if bits >= 8 else ImageOps.posterize(image, bits)
+
+
+def _solarize_add(image, add, _fill):  # timm: threshold 128, saturating add
+    add = int(add)
+    lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+    return image.point(lut * len(image.getbands()))
+
+
+def _enhance(kind):
+    return lambda image, factor, _fill: kind(image).enhance(float(factor))
+
+
+def _shear(axis):
+    def kernel(image, factor, fill):
+        f = float(factor)
+        return _affine(image, (1, f, 0, 0, 1, 0) if axis == "x" else (1, 0, 0, f, 1, 0), fill)
+    return kernel
+
+
+def _translate(axis):
+    def kernel(image, pct, fill):  # timm: pixels = pct * img.size[axis]
+        if axis == "x":
+            return _affine(image, (1, 0, float(pct) * image.size[0], 0, 1, 0), fill)
+        return _affine(image, (1, 0, 0, 0, 1, float(pct) * image.size[1]), fill)
+    return kernel
+
+
+# timm op name -> kernel(image, arg | None, fill) -> image
+KERNELS: dict[str, Callable] = {
+    "AutoContrast": lambda image, _a, _f: ImageOps.autocontrast(image),
+    "Equalize": lambda image, _a, _f: ImageOps.equalize(image),
+    "Invert": lambda image, _a, _f: ImageOps.invert(image),
+    "Rotate": lambda image, degrees, fill: image.rotate(float(degrees), resample=_BILINEAR,
+                                                        fillcolor=fill),
+    "Posterize": _posterize, "PosterizeIncreasing": _posterize,
+    "Solarize": lambda image, threshold, _f: ImageOps.solarize(image, int(threshold)),
+    "SolarizeIncreasing": lambda image, threshold, _f: ImageOps.solarize(image, int(threshold)),
+    "SolarizeAdd": _solarize_add,
+    "Color": _enhance(ImageEnhance.Color), "ColorIncreasing": _enhance(ImageEnhance.Color),
+    "Contrast": _enhance(ImageEnhance.Contrast),
+    "ContrastIncreasing": _enhance(ImageEnhance.Contrast),
+    "Brightness": _enhance(ImageEnhance.Brightness),
+    "BrightnessIncreasing": _enhance(ImageEnhance.Brightness),
+    "Sharpness": _enhance(ImageEnhance.Sharpness),
+    "SharpnessIncreasing": _enhance(ImageEnhance.Sharpness),
+    "ShearX": _shear("x"), "ShearY": _shear("y"),
+    "TranslateXRel": _translate("x"), "TranslateYRel": _translate("y"),
+    "Desaturate": _enhance(ImageEnhance.Color),  # the level map already gives timm's factor
+    "GaussianBlur": lambda image, radius, _f: image.filter(ImageFilter.GaussianBlur(float(radius))),
+}
+
+
+class RandAugmentLayer:
+    """One RandAugment layer as a DALI batch python function (``dl_tensor_python_function``).
+
+    Inputs per sample: the HWC uint8 RGB image, the chosen op's index into ``names`` (int32),
+    whether the op applies (bool) and the signed magnitude (float32). ``level_to_arg[i]`` maps
+    a float32 level to op i's argument (None: an op without one). Samples left alone are handed
+    back as they came; the others run on ``pool`` (a ``concurrent.futures`` executor, None: in
+    the calling thread)."""
+
+    def __init__(self, names: Sequence[str], level_to_arg: Sequence[Callable | None],
+                 fill: tuple[int, ...], pool=None) -> None:
+        unknown = [n for n in names if n not in KERNELS]
+        if unknown:
+            raise ValueError(f"no Pillow kernel for RandAugment op(s) {unknown}")
+        if fill is None or len(fill) not in (1, 3):
+            raise ValueError(f"the Pillow kernels need a fill of 1 or 3 ints, got {fill!r} "
+                             "(fill=None, repeat the border, needs kernels='dali')")
+        if len(level_to_arg) != len(names):
+            raise ValueError(f"{len(level_to_arg)} level maps for {len(names)} ops")
+        self.names, self.kernels = tuple(names), tuple(KERNELS[n] for n in names)
+        self.level_to_arg = tuple(level_to_arg)
+        self.fill = tuple(fill) * 3 if len(fill) == 1 else tuple(fill)  # PIL: an int is red only
+        self.pool = pool
+
+    def one(self, image: np.ndarray, op: int, level: float) -> np.ndarray:
+        """Op ``op`` at signed magnitude ``level`` on one HWC uint8 RGB array; a new array."""
+        if not 0 <= op < len(self.kernels):
+            raise ValueError(f"RandAugment op index {op} out of range [0, {len(self.kernels)})")
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"RandAugment expects HWC uint8 RGB images, got shape "
+                             f"{image.shape} {image.dtype}")
+        to_arg = self.level_to_arg[op]
+        arg = None if to_arg is None else to_arg(np.float64(level))  # timm: python floats
+        return np.array(self.kernels[op](Image.fromarray(image, "RGB"), arg, self.fill))
+
+    def __call__(self, images, op_idx, apply, level):
+        import torch
+        from torch.utils.dlpack import to_dlpack
+
+        tensors = [torch.from_dlpack(t) for t in images]
+        jobs = [(i, t.numpy(), int(torch.from_dlpack(o)), float(torch.from_dlpack(a)))
+                for i, (t, o, on, a) in enumerate(zip(tensors, op_idx, apply, level))
+                if bool(torch.from_dlpack(on))]
+        run = (lambda job: self.one(*job[1:]))
+        results = map(run, jobs) if self.pool is None else self.pool.map(run, jobs)
+        for (i, *_), array in zip(jobs, results):
+            tensors[i] = torch.from_numpy(array)
+        return [to_dlpack(t) for t in tensors]
