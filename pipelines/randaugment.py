@@ -467,11 +467,11 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
         if policy.prob < 1.0:
             apply = fn.random.coin_flip(probability=policy.prob, dtype=types.BOOL, seed=s_apply)
         if layer_op is not None:
-            if apply is None:
-                apply = fn.constant(idata=1, shape=[], dtype=types.BOOL)
+            on = 1.0 if apply is None else fn.cast(apply, dtype=types.FLOAT)
+            decision = fn.stack(fn.cast(op_idx[layer], dtype=types.FLOAT), on * 1.0, level)
             images = fn.dl_tensor_python_function(
-                images, op_idx[layer], apply, level, function=layer_op, batch_processing=True,
-                num_outputs=1, output_layouts="HWC", synchronize_stream=False)
+                images, decision, function=layer_op, batch_processing=True, num_outputs=1,
+                output_layouts="HWC", synchronize_stream=False)
             continue
         kwargs = dict(level=level, fill=fill)
         if size is not None:
@@ -495,6 +495,5 @@ def _pillow_layer(policy: RandAugmentPolicy, fill, threads: int | None):
         current = Pipeline.current()
         threads = current.num_threads if current is not None else 1
     maps = [_OP_TABLE[name][1] for name in policy.transforms]
-    to_arg = [None if f is None else (lambda level, f=f: f(level, _NUMPY)) for f in maps]
-    return RandAugmentLayer(policy.transforms, to_arg, fill,
+    return RandAugmentLayer(policy.transforms, maps, _NUMPY, fill,
                             pool=worker_pool(threads) if threads > 1 else None)

@@ -376,10 +376,10 @@ def test_kernel_choice_errors():
 
 
 def test_pillow_layer_rejects_bad_images_and_indices():
-    layer = RandAugmentLayer(["Invert"], [None], (0, 0, 0))
+    layer = RandAugmentLayer(["Invert"], [None], ra._NUMPY, (0, 0, 0))
     with pytest.raises(ValueError, match="HWC uint8 RGB"):
         layer.one(np.zeros((4, 4), np.uint8), 0, 1.0)
     with pytest.raises(ValueError, match="op index 3 out of range"):
         layer.one(np.zeros((4, 4, 3), np.uint8), 3, 1.0)
     with pytest.raises(ValueError, match="no Pillow kernel"):
-        RandAugmentLayer(["Cutout"], [None], (0, 0, 0))
+        RandAugmentLayer(["Cutout"], [None], ra._NUMPY, (0, 0, 0))
