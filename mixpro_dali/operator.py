@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from .config import MODES, MixConfig
-from .masks import apply_mix, sample_mix
+from .config import MixConfig
+from .masks import mix_samples, sample_mix
 
 LAYOUTS = ("HWC", "CHW")
 
@@ -34,6 +34,7 @@ class MaskMixOperator:
         self.shard_id = shard_id
         self.device = device
         self._batch_index = 0
+        self._reuse: list[torch.Tensor] = []
 
     @property
     def batch_index(self) -> int:
@@ -45,6 +46,19 @@ class MaskMixOperator:
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"batch index must be a non-negative int, got {index!r}")
         self._batch_index = index
+
+    def _buffers(self, samples: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Output buffers reused from the previous batch on the CPU, where DALI copies an
+        operator's outputs into its own memory before the call returns (a fresh 38 MB float32
+        batch per call is page-faulted in each time: ~0.1 ms per image here). None on the GPU,
+        where that copy is asynchronous on DALI's stream."""
+        if self.device == "gpu":
+            return None
+        same = len(self._reuse) == len(samples) and all(
+            b.shape == s.shape and b.dtype == s.dtype for b, s in zip(self._reuse, samples))
+        if not same:
+            self._reuse = [torch.empty_like(s) for s in samples]
+        return self._reuse
 
     def _stream(self) -> contextlib.AbstractContextManager:
         if self.device != "gpu":
@@ -71,11 +85,9 @@ class MaskMixOperator:
             y = torch.stack([torch.from_dlpack(t) for t in labels])    # (B, ...) as read
             params = sample_mix(self.config, len(samples), self._batch_index, self.shard_id)
             self._batch_index += 1
-            if params.mode == MODES["none"]:
-                mixed = samples                   # unmixed batch: hand DALI its inputs back
-            else:
-                mixed = apply_mix(samples, params, patch_size=self.config.patch_size,
-                                  layout=self.layout).unbind(0)   # no stacking copy of A
+            # none mode hands DALI its inputs back; otherwise one tensor per sample
+            mixed = mix_samples(samples, params, patch_size=self.config.patch_size,
+                                layout=self.layout, out=self._buffers(samples))
             dev = y.device
             outs = (
                 y,

@@ -3,9 +3,7 @@ obvious references, patch dropping against hand examples and an independent toke
 the evaluation loop against a manual loop, and the CLI end to end on real JPEGs (tiny ViT)."""
 from __future__ import annotations
 
-import itertools
 import json
-import math
 
 import numpy as np
 import pytest

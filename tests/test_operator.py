@@ -99,6 +99,8 @@ def test_every_token_from_exactly_one_image(device, layout, dtype, partner):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_operator_equals_plain_torch_kernel(device):
+    """Also guards the CPU operator's reused output buffers: with DALI's prefetching, batch k+1
+    is mixed before batch k is read, so aliased outputs would show up here."""
     cfg = MixConfig.preset("mixpro-official", image_size=(32, 32), patch_size=8, mask_patch=16, seed=5)
     p = build(cfg, device=device, shard_id=3)
     for k in range(6):

@@ -4,7 +4,6 @@ resumes to the very same losses, NaN stops the run with the last checkpoint inta
 gives a clear error."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
