@@ -242,3 +242,23 @@ def test_cpu_resize_kernel_matches_dali_resize_and_pil(flavour_tree, interpolati
         h, w = s.shape[:2]
         ref = torchvision.transforms.Resize(30)(Image.fromarray(s)).size   # (W, H)
         assert sh.shape[:2] == (ref[1], ref[0]), (h, w)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_torch_resize_kernel_writes_what_interpolate_computes(interpolation):
+    """TorchResize writes straight into the HWC output; it must equal torch's interpolate."""
+    from torch.utils.dlpack import to_dlpack
+
+    from pipelines.decode import TorchResize
+
+    rng = np.random.default_rng(0)
+    samples = [torch.from_numpy(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)),
+               torch.from_numpy(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8))]
+    for kernel in (TorchResize(interpolation, size=(24, 30)), TorchResize(interpolation, shorter=12)):
+        for x, got in zip(samples, kernel([to_dlpack(s) for s in samples])):
+            got = torch.from_dlpack(got)
+            nchw = x.permute(2, 0, 1).unsqueeze(0)
+            want = torch.nn.functional.interpolate(
+                nchw, size=kernel.out_size(*x.shape[:2]), mode=interpolation,
+                antialias=interpolation != "nearest")[0].permute(1, 2, 0)
+            assert got.is_contiguous() and torch.equal(got, want)
