@@ -173,7 +173,7 @@ def mix_samples(samples: Sequence[torch.Tensor], params: MixParams, *, patch_siz
         if params.mode != MODES["mixup"]:
             _select_tokens(image, other, o, mask[i], patch_size, layout)
         elif image.is_floating_point():
-            torch.mul(other, 1.0 - lam, out=o).add_(image, alpha=lam)
+            torch.lerp(other, image, lam, out=o)     # other + lam * (image - other): one pass
         else:
             o.copy_(image.float().mul_(lam).add_(other.float(), alpha=1.0 - lam)
                     .round_().clamp_(0, 255))
