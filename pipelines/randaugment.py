@@ -468,7 +468,7 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
             apply = fn.random.coin_flip(probability=policy.prob, dtype=types.BOOL, seed=s_apply)
         if layer_op is not None:
             on = 1.0 if apply is None else fn.cast(apply, dtype=types.FLOAT)
-            decision = fn.stack(fn.cast(op_idx[layer], dtype=types.FLOAT), on * 1.0, level)
+            decision = fn.stack(fn.cast(op_idx[layer], dtype=types.FLOAT), on, level)
             images = fn.dl_tensor_python_function(
                 images, decision, function=layer_op, batch_processing=True, num_outputs=1,
                 output_layouts="HWC", synchronize_stream=False)

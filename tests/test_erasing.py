@@ -183,3 +183,15 @@ def test_torch_and_dali_kernels_erase_the_same_boxes():
 def test_kernel_choice_errors():
     with pytest.raises(ValueError, match="kernels must be one of"):
         random_erasing(None, kernels="cuda")
+
+
+def test_torch_kernels_refuse_gpu_images():
+    """Checked while the graph is traced, so it needs no GPU."""
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None, enable_conditionals=True)
+    def pipe():
+        x = fn.external_source(source=lambda: [np.zeros((3, H, W), np.float32)] * 2, batch=True,
+                               layout="CHW")
+        return random_erasing(x.gpu(), kernels="torch")
+
+    with pytest.raises(ValueError, match="kernels='torch' runs on cpu images only"):
+        pipe()

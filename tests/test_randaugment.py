@@ -383,3 +383,14 @@ def test_pillow_layer_rejects_bad_images_and_indices():
         layer.one(np.zeros((4, 4, 3), np.uint8), 3, 1.0)
     with pytest.raises(ValueError, match="no Pillow kernel"):
         RandAugmentLayer(["Cutout"], [None], ra._NUMPY, (0, 0, 0))
+
+
+def test_pillow_kernels_refuse_gpu_images():
+    """Checked while the graph is traced, so it needs no GPU."""
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None, enable_conditionals=True)
+    def pipe():
+        x = fn.external_source(source=lambda: smooth_images(2), batch=True, layout="HWC")
+        return rand_augment(x.gpu(), kernels="pillow")
+
+    with pytest.raises(ValueError, match="kernels='pillow' runs on cpu images only"):
+        pipe()
