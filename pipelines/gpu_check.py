@@ -15,6 +15,8 @@ Checks (each a pass/fail with details in gpu_check.json):
              another stream, or before the producer finished, returns poison. The negative
              control does the slow write on a side stream and must be caught (else the check
              is reported as inconclusive: the sleep was too short to matter).
+  augment    RandAugment and erasing: the GPU's DALI kernels against the CPU's Pillow / torch
+             kernels, same seed: identical batches for ops both compute bitwise, the same boxes.
   loader     TrainLoader on cuda vs cpu, same seed: same labels and mixing decisions; images
              finite, normalized-range; a batch kept while 3 more run is unchanged (no reuse of
              DALI's buffers under the consumer).
@@ -192,6 +194,55 @@ def check_poison(device: str, batches: int = 3) -> dict[str, Any]:
     return result
 
 
+def _augment_pipe(augment: Callable, images: list, *, gpu: bool, layout: str):
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=len(images), num_threads=2, device_id=0 if gpu else None, seed=9,
+                  enable_conditionals=True)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout=layout)
+        return augment(x.gpu() if gpu else x)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def check_augment(device: str, batches: int = 2) -> dict[str, Any]:
+    """RandAugment and erasing: the kernels of ``device`` (DALI's operators on the GPU) against
+    the CPU's (Pillow / torch), same seed. Ops both compute bitwise (Invert, Posterize,
+    Solarize, SolarizeAdd, with magnitude noise and the coin) must give identical batches; const
+    erasing must erase the same boxes. Off the GPU: DALI's kernels on the CPU."""
+    from .erasing import random_erasing
+    from .randaugment import RandAugmentPolicy, rand_augment
+
+    gpu = device == "cuda"
+    policy = RandAugmentPolicy(magnitude=9.0, num_layers=3, prob=0.5, magnitude_std=2.0,
+                               transforms=("Invert", "PosterizeIncreasing", "SolarizeIncreasing",
+                                           "SolarizeAdd"))
+    rgb = _images(0, (32, 48), "HWC", np.uint8)[0] * 4
+    flat = [np.full((3, 32, 48), 5.0, np.float32)] * 32
+    cases = {
+        "rand_augment": (rgb, "HWC", lambda k: (lambda x: rand_augment(x, policy, seed=4, kernels=k)),
+                         ("pillow", "dali")),
+        "erasing": (flat, "CHW", lambda k: (lambda x: random_erasing(
+            x, prob=0.5, mode="const", count=2, seed=8, kernels=k)), ("torch", "dali")),
+    }
+    errs, changed = [], {}
+    for name, (images, layout, make, (cpu_kernels, dev_kernels)) in cases.items():
+        ref = _augment_pipe(make(cpu_kernels), images, gpu=False, layout=layout)
+        dut = _augment_pipe(make(dev_kernels), images, gpu=gpu, layout=layout)
+        changed[name] = 0
+        for k in range(batches):
+            want, got = _arrays(ref.run())[0], _arrays(dut.run())[0]
+            changed[name] += int(sum(not np.array_equal(w, i) for w, i in zip(want, images)))
+            if not np.array_equal(want, got):
+                bad = int(sum(not np.array_equal(w, g) for w, g in zip(want, got)))
+                errs.append(f"{name} batch {k}: {bad} of {len(got)} samples differ "
+                            f"({dev_kernels} on {device} vs {cpu_kernels} on cpu)")
+    return {"ok": not errs, "changed_samples": changed, "errors": errs[:20]}
+
+
 def check_loader(device: str, data: Path, size: int, batch: int) -> dict[str, Any]:
     import torch
 
@@ -311,6 +362,7 @@ def main(argv=None) -> int:
     log(f"data: {n} ImageNet-like JPEGs in {data}")
     checks = {"operator": lambda: check_operator(device),
               "poison": lambda: check_poison(device),
+              "augment": lambda: check_augment(device),
               "loader": lambda: check_loader(device, data, 64 if a.quick else 224, 8 if a.quick else 64)}
     for name, fn in checks.items():
         if name in skip:

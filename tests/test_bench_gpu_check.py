@@ -28,6 +28,17 @@ def test_compare_catches_wrong_pixels_and_decisions():
     assert gpu_check._compare(got[:1] + want[1:], want, True, "x") == []     # mixup: 1 level ok
 
 
+def test_augment_check_compares_kernel_sets_and_catches_a_difference(monkeypatch):
+    res = gpu_check.check_augment("cpu", batches=1)
+    assert res["ok"] and res["changed_samples"]["rand_augment"] > 0, res
+    import pipelines.randaugment as ra    # a kernel set that drew other decisions must fail
+    real = ra.rand_augment
+    monkeypatch.setattr(ra, "rand_augment", lambda x, policy, seed, kernels: real(
+        x, policy, seed=seed + (kernels == "dali"), kernels=kernels))
+    bad = gpu_check.check_augment("cpu", batches=1)
+    assert not bad["ok"] and "rand_augment batch 0" in bad["errors"][0]
+
+
 def test_poison_check_skips_without_gpu():
     assert gpu_check.check_poison("cpu") == {"ok": True, "skipped": "no GPU"}
 
@@ -39,7 +50,7 @@ def test_gpu_check_script_on_cpu(tmp_path):
                          "--images", "32", "--data-dir", str(tmp_path / "data")])
     report = json.loads((out / "gpu_check.json").read_text())
     assert rc == 0 and report["ok"], report
-    assert set(report["checks"]) == {"operator", "poison", "loader"}
+    assert set(report["checks"]) == {"operator", "poison", "augment", "loader"}
     assert {b["rc"] for b in report["benchmarks"].values()} == {0}
     names = sorted(p.name for p in out.iterdir())
     assert len(names) <= 8 and "pipeline-cpu.json" in names and "train-cpu.json" in names
