@@ -1,9 +1,10 @@
 """MaskMix / CutMix / Mixup kernels in plain torch: one implementation for CPU and GPU.
 
 `sample_mix` draws every random decision of one batch on the host from a pure function of
-(seed, shard, batch index); the draw is O(batch x cells). `mix_samples` / `apply_mix` are deterministic given
-those parameters and runs on the images' device; only there is the token mask expanded to
-pixels (never materialized as int64 on the host, unlike the reference code).
+(seed, shard, batch index); the draw is O(batch x cells). `mix_samples` (the batch as its
+samples, as the operator gets it) and `apply_mix` (a dense batch) are deterministic given those
+parameters and run on the images' device; only there is the token mask expanded to pixels
+(never materialized as int64 on the host, unlike the reference code).
 
 Worked example: a 2x2 token grid with token_mask [[1, 0], [0, 0]] gives lam 0.25 (the sample
 keeps one token of four, MixPro Eq. 3: x_mix = M * x_a + (1 - M) * x_b).
