@@ -115,9 +115,9 @@ class PixelEraser:
                 box = (slice(None), slice(top, top + h), slice(left, left + w))
                 if self.layout == "HWC":
                     box = box[1:] + box[:1]
-                shape = x[box].shape
-                noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-                x[box] = noise.to(x.dtype)
+                region = x[box]                   # a view: the copy below writes x
+                region.copy_(torch.randn(region.shape,
+                                         generator=torch.Generator().manual_seed(seed)))
             out.append(to_dlpack(x))
         return out
 
