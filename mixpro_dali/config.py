@@ -2,7 +2,8 @@
 
 Presets follow ../shared/docs/method.md section 4:
   mixpro           paper: MaskMix(+PAL) 0.5 / Mixup 0.5 (Table 6 best row), floor, flip
-  mixpro-official  fistyee/MixPro: MaskMix 0.5 / Mixup 0.25 / CutMix 0.25, ceil, perm
+  mixpro-official  fistyee/MixPro: MaskMix 0.5 / Mixup 0.25 / CutMix 0.25, ceil; partner perm on
+                   MaskMix batches, flip on Mixup/CutMix (those go through timm's Mixup there)
   transmix         CutMix(+TransMix labels) 0.5 / Mixup 0.5
   deit             Mixup 0.5 / CutMix 0.5 (DeiT: always mixing, switch 0.5)
   maskmix          MaskMix always (area labels ablation)
@@ -18,11 +19,13 @@ MODES = {"none": 0, "mixup": 1, "cutmix": 2, "maskmix": 3}
 """Mode codes emitted by the operator (int32 `mode` output)."""
 
 MIX_KEYS = ("mixup", "cutmix", "maskmix")
+PARTNERS = ("flip", "perm")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mixpro": dict(probs={"maskmix": 0.5, "mixup": 0.5}, rounding="floor", partner="flip"),
     "mixpro-official": dict(
-        probs={"maskmix": 0.5, "mixup": 0.25, "cutmix": 0.25}, rounding="ceil", partner="perm"
+        probs={"maskmix": 0.5, "mixup": 0.25, "cutmix": 0.25}, rounding="ceil",
+        partner={"maskmix": "perm", "mixup": "flip", "cutmix": "flip"},
     ),
     "transmix": dict(probs={"cutmix": 0.5, "mixup": 0.5}),
     "deit": dict(probs={"mixup": 0.5, "cutmix": 0.5}),
@@ -58,7 +61,9 @@ class MixConfig:
         mass is "no mixing".
     beta: MaskMix ratio tau ~ Beta(beta, beta).   mixup_alpha / cutmix_alpha: as timm.
     rounding: "floor" (paper, floor(S*tau) cells) or "ceil" (official code).
-    partner: "flip" (x.flip(0), paper Alg. 1, timm) or "perm" (random permutation, official code).
+    partner: "flip" (x.flip(0), paper Alg. 1, timm) or "perm" (random permutation), for every
+        mode, or a mapping per mode ({"maskmix": "perm"}; modes left out: "flip"). The official
+        code pairs MaskMix batches by permutation and Mixup/CutMix ones by timm's flip.
     per_sample_ratio: one tau per sample instead of one per batch.
     seed: base of the pure (seed, shard, batch index) random stream.
     """
@@ -71,7 +76,7 @@ class MixConfig:
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
     rounding: str = "floor"
-    partner: str = "flip"
+    partner: str | Mapping[str, str] = "flip"
     per_sample_ratio: bool = False
     seed: int = 0
 
@@ -101,8 +106,7 @@ class MixConfig:
             set_(name, float(v))
         if self.rounding not in ("floor", "ceil"):
             raise ValueError(f"rounding must be 'floor' or 'ceil', got {self.rounding!r}")
-        if self.partner not in ("flip", "perm"):
-            raise ValueError(f"partner must be 'flip' or 'perm', got {self.partner!r}")
+        set_("partner", self._check_partner(self.partner))
         if not isinstance(self.per_sample_ratio, bool):
             raise TypeError(f"per_sample_ratio must be a bool, got {self.per_sample_ratio!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -123,6 +127,30 @@ class MixConfig:
         if total > 1.0 + 1e-9:
             raise ValueError(f"probs must sum to <= 1 (the rest is 'no mixing'), got {total:g}")
         return out
+
+    @staticmethod
+    def _check_partner(partner: Any) -> str | dict[str, str]:
+        if isinstance(partner, Mapping):
+            bad = [k for k in partner if k not in MIX_KEYS]
+            if bad:
+                raise ValueError(f"partner: unknown mode {bad[0]!r}; valid modes: "
+                                 f"{', '.join(MIX_KEYS)}")
+            wrong = {k: v for k, v in partner.items() if v not in PARTNERS}
+            if wrong:
+                k, v = next(iter(wrong.items()))
+                raise ValueError(f"partner[{k!r}] must be 'flip' or 'perm', got {v!r}")
+            return {k: partner.get(k, "flip") for k in MIX_KEYS}
+        if partner not in PARTNERS:
+            raise ValueError(f"partner must be 'flip' or 'perm' (or a mapping mode -> one of "
+                             f"them), got {partner!r}")
+        return partner
+
+    def partner_for(self, mode: str) -> str:
+        """The partner rule ("flip" | "perm") of mode `mode` ("none" and a per-mode mapping:
+        "flip", nothing to draw)."""
+        if isinstance(self.partner, str):
+            return self.partner
+        return self.partner.get(mode, "flip")
 
     # --- derived geometry -------------------------------------------------------------
     @property
@@ -170,4 +198,6 @@ class MixConfig:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
         d["probs"] = dict(self.probs)
+        if not isinstance(self.partner, str):
+            d["partner"] = dict(self.partner)
         return d

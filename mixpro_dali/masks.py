@@ -21,6 +21,7 @@ import torch
 from .config import MODES, MixConfig
 
 _MODE_ORDER = ("mixup", "cutmix", "maskmix")
+_MODE_NAMES = {code: name for name, code in MODES.items()}
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def sample_mix(config: MixConfig, batch_size: int, batch_index: int, shard_id: i
     rng = batch_rng(config.seed, shard_id, batch_index)
     mode = sample_mode(rng, dict(config.probs))
     h, w = config.token_grid
-    partner = sample_partner(rng, batch_size, config.partner)
+    # drawn right after the mode, as before per-mode partners: a single rule keeps its stream
+    partner = sample_partner(rng, batch_size, config.partner_for(_MODE_NAMES[mode]))
     token_mask = torch.ones(batch_size, h, w, dtype=torch.uint8)
     blend = 1.0
     if mode == MODES["maskmix"]:

@@ -13,7 +13,12 @@ def test_defaults_are_the_paper():
 def test_presets_match_method_doc():
     off = MixConfig.preset("mixpro-official", image_size=224, patch_size=14, mask_patch=56)
     assert off.probs == {"maskmix": 0.5, "mixup": 0.25, "cutmix": 0.25}
-    assert (off.rounding, off.partner) == ("ceil", "perm") and off.cell_grid == (4, 4)
+    assert off.rounding == "ceil" and off.cell_grid == (4, 4)
+    # official code: MaskMix pairs by random permutation, timm's Mixup (Mixup/CutMix) by flip
+    assert off.partner == {"maskmix": "perm", "mixup": "flip", "cutmix": "flip"}
+    assert [off.partner_for(m) for m in ("maskmix", "mixup", "cutmix", "none")] == [
+        "perm", "flip", "flip", "flip"]
+    assert MixConfig.preset("mixpro").partner_for("maskmix") == "flip"
     assert MixConfig.preset("deit").probs == {"mixup": 0.5, "cutmix": 0.5}
     assert MixConfig.preset("transmix").probs == {"cutmix": 0.5, "mixup": 0.5}
     assert MixConfig.preset("none").probs == {}
@@ -25,6 +30,9 @@ def test_edge_cells_and_round_trip():
     c = MixConfig(image_size=(224, 160), patch_size=16, mask_patch=48)
     assert c.token_grid == (14, 10) and c.cell_grid == (5, 4)
     assert MixConfig.from_dict(c.to_dict()) == c
+    per_mode = MixConfig(partner={"maskmix": "perm"})           # modes left out: flip
+    assert per_mode.partner == {"mixup": "flip", "cutmix": "flip", "maskmix": "perm"}
+    assert MixConfig.from_dict(per_mode.to_dict()) == per_mode
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -40,7 +48,10 @@ def test_edge_cells_and_round_trip():
     (dict(mixup_alpha=-1.0), r"mixup_alpha must be a positive number"),
     (dict(cutmix_alpha="1"), r"cutmix_alpha must be a positive number"),
     (dict(rounding="round"), r"rounding must be 'floor' or 'ceil', got 'round'"),
-    (dict(partner="shift"), r"partner must be 'flip' or 'perm', got 'shift'"),
+    (dict(partner="shift"), r"partner must be 'flip' or 'perm' \(or a mapping mode -> one of "
+                            r"them\), got 'shift'"),
+    (dict(partner={"mask_mix": "perm"}), r"partner: unknown mode 'mask_mix'; valid modes: mixup"),
+    (dict(partner={"cutmix": "roll"}), r"partner\['cutmix'\] must be 'flip' or 'perm', got 'roll'"),
     (dict(seed=-1), r"seed must be a non-negative int, got -1"),
 ])
 def test_invalid_values_name_the_field(kwargs, match):

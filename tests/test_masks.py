@@ -108,12 +108,14 @@ def test_modes_follow_probs():
 
 def test_draw_is_pure_function_of_seed_shard_batch():
     cfg = MixConfig.preset("mixpro-official", image_size=64, patch_size=16, mask_patch=16, seed=11)
+    same = lambda p, q: (p.mode == q.mode and torch.equal(p.token_mask, q.token_mask)  # noqa: E731
+                         and torch.equal(p.partner, q.partner) and torch.equal(p.lam, q.lam))
     a, b = sample_mix(cfg, 8, 5, shard_id=1), sample_mix(cfg, 8, 5, shard_id=1)
-    assert a.mode == b.mode and torch.equal(a.token_mask, b.token_mask) and torch.equal(a.partner, b.partner)
+    assert same(a, b)
     others = [sample_mix(cfg, 8, 5, shard_id=2), sample_mix(cfg, 8, 6, shard_id=1),
               sample_mix(MixConfig.from_dict({**cfg.to_dict(), "seed": 12}), 8, 5, shard_id=1)]
     for o in others:
-        assert not (o.mode == a.mode and torch.equal(o.token_mask, a.token_mask) and torch.equal(o.partner, a.partner))
+        assert not same(o, a)
 
 
 def test_partner_flip_and_perm():
@@ -123,6 +125,77 @@ def test_partner_flip_and_perm():
     parts = [sample_mix(perm, 7, k).partner for k in range(5)]
     assert all(sorted(p.tolist()) == list(range(7)) for p in parts)
     assert len({tuple(p.tolist()) for p in parts}) > 1
+
+
+def test_official_preset_pairs_per_mode():
+    """mixpro-official: MaskMix batches by a random permutation (official code), Mixup and CutMix
+    batches by x.flip(0) (the official code sends them through timm's Mixup). With a permutation
+    about one sample per batch is its own partner; with the flip none is (even B) and every
+    pair is symmetric."""
+    cfg = MixConfig.preset("mixpro-official", image_size=64, patch_size=16, mask_patch=16, seed=4)
+    b, seen, perms = 16, set(), set()
+    for k in range(200):
+        p = sample_mix(cfg, b, k)
+        part = p.partner.numpy()
+        seen.add(p.mode)
+        if p.mode in (MODES["mixup"], MODES["cutmix"]):
+            np.testing.assert_array_equal(part, np.arange(b)[::-1])
+        elif p.mode == MODES["maskmix"]:
+            assert sorted(part.tolist()) == list(range(b))
+            perms.add(tuple(part.tolist()))
+    assert seen == {MODES["mixup"], MODES["cutmix"], MODES["maskmix"]}
+    assert len(perms) > 50                                # a fresh permutation per batch
+
+
+def _draws_before_per_mode_partners(cfg: MixConfig, b: int, k: int, shard: int):
+    """The draw order of sample_mix before partners became per mode, written out in numpy:
+    mode, partner (one rule for every mode), then the mode's own draws."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, shard, k])))
+    u, acc, mode = rng.random(), 0.0, MODES["none"]
+    for name in ("mixup", "cutmix", "maskmix"):
+        acc += cfg.probs.get(name, 0.0)
+        if u < acc:
+            mode = MODES[name]
+            break
+    partner = np.arange(b)[::-1] if cfg.partner == "flip" else rng.permutation(b)
+    h, w = cfg.token_grid
+    mask, blend = np.ones((b, h, w), np.uint8), 1.0
+    if mode == MODES["maskmix"]:
+        gh, gw = cfg.cell_grid
+        tau = rng.beta(cfg.beta, cfg.beta, size=b if cfg.per_sample_ratio else 1)
+        raw = tau * gh * gw
+        n = np.clip(np.floor(raw) if cfg.rounding == "floor" else np.ceil(raw), 0, gh * gw)
+        ranks = rng.random((b, gh * gw)).argsort(1).argsort(1)
+        cells = (ranks < n[:, None]).reshape(b, gh, gw)
+        k_tok = cfg.mask_patch // cfg.patch_size
+        mask = cells.repeat(k_tok, 1).repeat(k_tok, 2)[:, :h, :w].astype(np.uint8)
+    elif mode == MODES["cutmix"]:
+        cut = np.sqrt(1.0 - rng.beta(cfg.cutmix_alpha, cfg.cutmix_alpha))
+        ch, cw = int(round(h * cut)), int(round(w * cut))
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        mask[:, max(cy - ch // 2, 0):min(cy + ch - ch // 2, h),
+             max(cx - cw // 2, 0):min(cx + cw - cw // 2, w)] = 0
+    elif mode == MODES["mixup"]:
+        blend = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+    if mode == MODES["none"]:
+        partner = np.arange(b)
+    return mode, partner, mask, blend
+
+
+@pytest.mark.parametrize("preset", ["mixpro", "transmix", "deit", "maskmix", "none"])
+@pytest.mark.parametrize("partner", [None, "flip", "perm"])
+def test_other_presets_draw_exactly_as_before(preset, partner):
+    """Per-mode partners changed mixpro-official only: every other preset, with either single
+    partner rule, draws the same decisions from the same seed as before."""
+    over = {} if partner is None else {"partner": partner}
+    cfg = MixConfig.preset(preset, image_size=(48, 80), patch_size=8, mask_patch=24, seed=9,
+                           per_sample_ratio=preset == "maskmix", **over)
+    for shard, k in [(0, k) for k in range(60)] + [(3, 7), (1, 123)]:
+        p = sample_mix(cfg, 6, k, shard_id=shard)
+        mode, part, mask, blend = _draws_before_per_mode_partners(cfg, 6, k, shard)
+        assert p.mode == mode and p.blend == blend
+        np.testing.assert_array_equal(p.partner.numpy(), part)
+        np.testing.assert_array_equal(p.token_mask.numpy(), mask)
 
 
 def test_cutmix_box_is_token_aligned_and_lambda_exact():
