@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 EXPECTED = {"mixpro-train", "mixpro-eval", "mixpro-scan", "mixpro-bench-pipeline",
-            "mixpro-bench-train"}
+            "mixpro-bench-train", "mixpro-inspect"}
 
 
 def resolve(spec: str):
