@@ -1,6 +1,6 @@
-"""train.study: the data split (fake IDX files), the exact train command (resolved by the train
-CLI), skip / resume / failure handling of the runner (subprocesses faked), aggregation against
-numpy, and the aggregate-only CLI."""
+"""train.study: the data split (fake IDX files), the exact train command of every named study's
+arms (resolved by the train CLI), skip / resume / failure / lock handling of the runner
+(subprocesses faked), aggregation against numpy and train.stats, and the aggregate-only CLI."""
 from __future__ import annotations
 
 import json
@@ -194,3 +194,130 @@ def test_aggregate_only_cli(tmp_path, capsys):
                        "aggregate"]) == 0
     assert "| none | 1 | 70.00 |" in capsys.readouterr().out
     assert not (tmp_path / "w").exists()  # no data preparation for aggregate only
+
+
+@pytest.mark.parametrize("name", sorted(study.STUDIES))
+def test_every_named_study_resolves_and_differs_only_by_its_arm(name, tmp_path):
+    st = study.STUDIES[name]
+    data = {k: tmp_path / f"{k}.txt" for k in ("train", "val", "monitor", "ood")}
+    recipe = study.write_recipe(tmp_path / "work", st.recipe_dict())
+    resolved = {}
+    for arm, over in st.arms.items():
+        extra = {k: v for k, v in over.items() if k not in ("mix.method", "train_per_class")}
+        cmd = study.train_command(over["mix.method"], 3, tmp_path / arm, data, st.epochs, recipe,
+                                  extra)
+        cfg = resolve(cmd[3:])[0]
+        assert (cfg.mix.method, cfg.run.seed) == (over["mix.method"], 3)
+        assert cfg.run.epochs == over.get("run.epochs", st.epochs)
+        assert cfg.model.num_classes == study.ID_CLASSES
+        assert cfg.data.image_size == st.image_size and cfg.data.demo is False
+        if "mix.mask_patch" in over:
+            assert cfg.mix.mask_patch == over["mix.mask_patch"]
+        d = cfg.to_dict()
+        d["mix"].pop("method"), d["run"].pop("epochs"), d["mix"].pop("mask_patch")
+        resolved[arm] = d
+    first = next(iter(resolved.values()))
+    assert all(d == first for d in resolved.values())  # one recipe, one budget
+    assert st.reference is None or st.reference in st.arms
+
+
+def test_overfit_study_uses_the_16_token_model_and_pinned_recipe():
+    st = study.STUDIES["overfit"]
+    r = st.recipe_dict()
+    k = r["model"]["kwargs"]
+    assert (k["img_size"] // k["patch_size"]) ** 2 == 16 and r["mix"]["mask_patch"] == 7
+    assert list(st.arms) == list(study.METHODS) and len(st.seeds) >= 5
+    assert st.reference == "mixpro" and study.STUDIES["overfit_pilot"].train_accuracy
+
+
+def test_study_definition_errors():
+    with pytest.raises(ValueError, match="arm 'x': mix.method must be one of"):
+        study.Study("bad", {}, {"x": {"mix.method": "cutout"}}, (0,), 1, 1)
+    with pytest.raises(ValueError, match="reference 'deit' is not an arm"):
+        study.Study("bad", {}, {"none": {"mix.method": "none"}}, (0,), 1, 1, reference="deit")
+    with pytest.raises(ValueError, match=r"--arms \['mixpro'\] not in study 'overfit_cells'"):
+        study.main(["--study", "overfit_cells", "--arms", "mixpro", "--stages", "aggregate"])
+
+
+def test_train_run_with_an_arm_name_and_extra_overrides(monkeypatch, dirs):
+    work, out, data = dirs
+    fake = FakeRunner()
+    monkeypatch.setattr(study, "_run_logged", fake)
+    assert study.train_run("maskmix", 2, work, out, data, 40, 1, work / "r.yaml",
+                           arm="maskmix-c14", extra={"mix.mask_patch": 14, "run.epochs": 7})
+    cmd = fake.calls[0]
+    assert cmd[cmd.index("--output") + 1] == str(work / "runs" / "maskmix-c14-s2")
+    assert cmd[cmd.index("--mix.mask_patch") + 1] == "14"
+    assert cmd.count("--run.epochs") == 1 and cmd[cmd.index("--run.epochs") + 1] == "7"
+    assert (out / "runs" / "maskmix-c14-s2" / "command.txt").is_file()
+
+
+def test_evaluate_run_also_on_the_training_list(monkeypatch, dirs):
+    work, out, data = dirs
+    fake = FakeRunner()
+    monkeypatch.setattr(study, "_run_logged", fake)
+    assert study.evaluate_run("none-s0", work, out, data, 400, 1, train_accuracy=True)
+    assert len(fake.calls) == 2
+    tr = fake.calls[1]
+    assert tr[tr.index("--data") + 1] == str(data["train"]) and "--ood" not in tr
+    assert tr[tr.index("--modes") + 1] == "--json"  # no occlusion modes
+    assert tr[tr.index("--json") + 1] == str(out / "runs" / "none-s0" / "train_eval.json")
+    assert study.evaluate_run("none-s0", work, out, data, 400, 1, train_accuracy=True)
+    assert len(fake.calls) == 2
+
+
+def test_a_locked_run_is_skipped(monkeypatch, dirs, capsys):
+    work, out, data = dirs
+    fake = FakeRunner()
+    monkeypatch.setattr(study, "_run_logged", fake)
+    args = study._parser().parse_args([])
+    with study.run_lock(work, "deit-s0") as mine:
+        assert mine
+        with study.run_lock(work, "deit-s0") as again:
+            assert not again  # a second holder (another runner) is refused
+        study._one_run("deit", {"mix.method": "deit"}, 0, work, out, data, 5, args,
+                       work / "r.yaml", 400, False)
+        assert fake.calls == [] and "another runner holds" in capsys.readouterr().out
+    study._one_run("deit", {"mix.method": "deit"}, 0, work, out, data, 5, args,
+                   work / "r.yaml", 400, False)
+    assert [c[2] for c in fake.calls] == ["train", "train.evaluate"]  # released: it runs
+
+
+def _write_run(out, arm, seed, top1, alpha=None):
+    d = out / "runs" / f"{arm}-s{seed}"
+    d.mkdir(parents=True)
+    (d / "eval.json").write_text(json.dumps(_fake_eval(top1, 0.05, 0.6, [top1, 0.5, 0.2])))
+    (d / "train_eval.json").write_text(json.dumps({"top1": 0.99 - seed / 100}))
+    cols = "epoch,train_loss,eval_loss,eval_top1,lr" + (",train_alpha_mean" if alpha else "")
+    rows = [f"{e},{1 - e / 10},{0.8 + e / 20},{top1},0.001" + (f",{alpha * e}" if alpha else "")
+            for e in range(3)]
+    (d / "summary.csv").write_text("\n".join([cols, *rows]) + "\n")
+
+
+def test_aggregate_welch_tests_ci_and_curves(tmp_path):
+    from train import stats
+    out = tmp_path / "out"
+    top1 = {"mixpro": [0.71, 0.74, 0.70, 0.73, 0.72], "none": [0.66, 0.69, 0.70, 0.65, 0.68],
+            "deit": [0.72, 0.70, 0.74, 0.71, 0.73]}
+    for arm, vals in top1.items():
+        for s, v in enumerate(vals):
+            _write_run(out, arm, s, v, alpha=0.1 if arm == "mixpro" else None)
+    summary = study.aggregate(out, methods=["none", "deit", "mixpro"], seeds=range(5),
+                              reference="mixpro")
+    assert summary["none"]["top1"]["ci95"] == pytest.approx(list(stats.mean_ci(top1["none"])))
+    assert summary["none"]["train_top1"]["mean"] == pytest.approx(0.97)
+    saved = json.loads((out / "summary.json").read_text())
+    t = saved["_tests"]["top1"]
+    assert list(t) == ["none", "deit"]
+    ps = [stats.welch(top1["mixpro"], top1[a])["p"] for a in ("none", "deit")]
+    assert [t[a]["p"] for a in ("none", "deit")] == pytest.approx(ps)
+    assert [t[a]["p_holm"] for a in ("none", "deit")] == pytest.approx(stats.holm(ps))
+    assert t["none"]["diff"] == pytest.approx(np.mean(top1["mixpro"]) - np.mean(top1["none"]))
+    assert set(saved["_tests"]) == {"top1", "nll", "ece", "auroc", "occl_random"}
+    md = (out / "summary.md").read_text()
+    assert "| top1 | none | +4.40 |" in md and "95% CI (t, n-1 df)" in md
+    curves = summary["mixpro"]["curves"]
+    assert curves["eval_loss"]["mean"] == pytest.approx([0.8, 0.85, 0.9])
+    assert curves["train_alpha_mean"]["mean"] == pytest.approx([0.0, 0.1, 0.2])
+    for png in ("curves.png", "alpha.png", "occlusion.png", "reliability.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

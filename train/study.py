@@ -1,38 +1,50 @@
-"""python -m train.study: the Fashion-MNIST study of the mixing methods (one command, resumable).
+"""python -m train.study: studies of the mixing methods on Fashion-MNIST (one command each,
+resumable, safe to run twice at once).
 
-    python -m train.study                      # results/study_fmnist (README there has the table)
+    python -m train.study                       # the 5-epoch study -> results/study_fmnist
+    python -m train.study --study overfit       # the pre-registered study -> results/study_overfit
+    python -m train.study --list                # the named studies
 
-What it does, each stage skipping what is already done (kill it and rerun: it goes on):
+A named study (`STUDIES`) fixes the recipe, the arms (method + overrides), seeds, epochs and
+the training subset; command-line options override them. Each stage skips what is done
+(kill it and rerun the same command: it goes on):
   1. data: Fashion-MNIST from the Debian package (pipelines.fashion_mnist), 8 in-distribution
      classes (`ID_CLASSES`) for training and validation, the other 2 (bag, ankle boot: unseen
-     in training) as the out-of-distribution set. `path label` lists under <work>/data.
-  2. train: methods x seeds with `python -m train` (STUDY_RECIPE, one budget for all, written
-     to <work>/recipe.yaml); a killed run resumes from its last.pth (mid-epoch checkpoints every 20 steps).
+     in training) as the out-of-distribution set. `path label` lists under <work>/data*.
+  2. train: arms x seeds with `python -m train` (one recipe, one budget for all, written to
+     <work>/recipe.yaml); a killed run resumes from its last.pth (checkpoints every 20 steps).
+     A per-run lock (<work>/runs/<run>.lock) lets two runners share the work: a run another
+     runner holds is skipped, not trained twice.
   3. evaluate: `python -m train.evaluate` on each run's final weights (last epoch, not the best:
-     the same budget for every method), JSON per run under <out>/runs.
-  4. aggregate: mean +- std over seeds per method -> <out>/summary.json, summary.md, PNG plots.
+     the same budget for every method), JSON per run under <out>/runs; with
+     `train_accuracy`, the same weights on the training list too (train_eval.json).
+  4. aggregate (train.study_report): mean, std, 95% CI per arm, Welch tests of the reference
+     arm against the others (Holm), per-epoch curves -> <out>/summary.json, summary.md, plots.
 
-Checkpoints live in <work> (default runs/study_fmnist, git-ignored); what is worth keeping
-(eval JSON, per-epoch summary.csv, resolved config.yaml, plots) lands in <out>.
+Checkpoints live in <work> (git-ignored); what is worth keeping (eval JSON, per-epoch
+summary.csv, resolved config.yaml, the exact command, plots) lands in <out>.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
+from .config import CONFIG_DIR, METHODS
+from .study_report import aggregate, summary_table
 
-from .config import METHODS
-
-__all__ = ["STUDY_RECIPE", "write_recipe", "ID_CLASSES", "prepare_study_data", "train_command", "train_run",
-           "evaluate_run", "aggregate", "summary_table", "main"]
+__all__ = ["STUDY_RECIPE", "Study", "STUDIES", "write_recipe", "ID_CLASSES", "prepare_study_data",
+           "train_command", "train_run", "evaluate_run", "run_lock", "aggregate",
+           "summary_table", "main"]
 
 ID_CLASSES = 8  # classes 0..7 in distribution; 8 (bag) and 9 (ankle boot) held out as OOD
 MONITOR_PER_CLASS = 125
@@ -57,13 +69,80 @@ STUDY_RECIPE: dict[str, Any] = {
 assert STUDY_RECIPE["model"]["num_classes"] == ID_CLASSES
 
 
+@dataclass(frozen=True)
+class Study:
+    """One named study. recipe: a train config dict, or a YAML file name under train/configs;
+    arms: arm name -> overrides of the recipe for that arm (dotted keys, at least
+    `mix.method`; `train_per_class` picks another training subset); reference: the arm the
+    others are tested against; train_accuracy: also evaluate the final weights on the
+    training list (clean images, eval transform)."""
+    name: str
+    recipe: Mapping[str, Any] | str
+    arms: Mapping[str, Mapping[str, Any]]
+    seeds: tuple[int, ...]
+    epochs: int
+    train_per_class: int
+    image_size: int = 32
+    occlusion_samples: int = 400
+    reference: str | None = None
+    train_accuracy: bool = False
+    description: str = ""
+    out: str = field(default="")
+    work: str = field(default="")
+
+    def __post_init__(self) -> None:
+        for arm, over in self.arms.items():
+            if over.get("mix.method") not in METHODS:
+                raise ValueError(f"study {self.name!r}, arm {arm!r}: mix.method must be one of "
+                                 f"{METHODS}, got {over.get('mix.method')!r}")
+        if self.reference is not None and self.reference not in self.arms:
+            raise ValueError(f"study {self.name!r}: reference {self.reference!r} is not an arm "
+                             f"({sorted(self.arms)})")
+        object.__setattr__(self, "out", self.out or f"results/study_{self.name}")
+        object.__setattr__(self, "work", self.work or f"runs/study_{self.name}")
+
+    def recipe_dict(self) -> dict[str, Any]:
+        if isinstance(self.recipe, str):
+            import yaml
+            return yaml.safe_load((CONFIG_DIR / self.recipe).read_text())
+        return json.loads(json.dumps(self.recipe))
+
+
+def _methods(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    return {m: {"mix.method": m} for m in names}
+
+
+_OVERFIT = dict(recipe="study_overfit.yaml", image_size=28, occlusion_samples=400)
+STUDIES: dict[str, Study] = {s.name: s for s in (
+    Study("fmnist", STUDY_RECIPE, _methods(METHODS), (0, 1, 2), epochs=5,
+          train_per_class=1000, reference="mixpro",
+          description="5 methods x 3 seeds, 64-token ViT, 1,000 images/class, 5 epochs"),
+    Study("fmnist_long", STUDY_RECIPE, _methods(("none", "mixpro", "transmix")), (0,),
+          epochs=15, train_per_class=1000,
+          description="3 methods x 1 seed at 3x the budget (15 epochs)"),
+    Study("overfit_pilot", arms={
+        f"none-n{n}-e{e}": {"mix.method": "none", "train_per_class": n, "run.epochs": e}
+        for n, e in ((100, 60), (150, 40))}, seeds=(0,), epochs=40, train_per_class=150,
+        description="pilot, `none` only: which subset and schedule overfit",
+        train_accuracy=True, **_OVERFIT),
+    Study("overfit", arms=_methods(METHODS), seeds=(0, 1, 2, 3, 4), epochs=40,
+          train_per_class=200, reference="mixpro",
+          description="pre-registered: 5 methods x 5 seeds where `none` overfits", **_OVERFIT),
+    Study("overfit_cells", arms={
+        f"maskmix-c{c}": {"mix.method": "maskmix", "mix.mask_patch": c} for c in (7, 14)},
+        seeds=(0, 1, 2), epochs=40, train_per_class=200,
+        description="MaskMix cell-scale ablation (1x, 2x the 7-px patch)", **_OVERFIT),
+)}
+
+
 def _log(*msg: Any) -> None:
     print(time.strftime("%H:%M:%S"), *msg, flush=True)
 
 
 def prepare_study_data(work: Path, *, train_per_class: int, cache_dir: str | None = None,
                        raw_dir: str | None = None, tree_sizes: tuple[int, int] = (20000, 5000),
-                       log=None) -> dict[str, Path]:
+                       image_size: int = 32, folder: str = "data", log=None
+                       ) -> dict[str, Path]:
     """{'train', 'val', 'ood'} file lists (absolute paths) over the cached Fashion-MNIST tree.
 
     train: the first `train_per_class` images of each ID class (official training split);
@@ -76,8 +155,8 @@ def prepare_study_data(work: Path, *, train_per_class: int, cache_dir: str | Non
     if not 1 <= train_per_class <= per_class:
         raise ValueError(f"--train-per-class must be in [1, {per_class}], got {train_per_class}")
     root = prepare_fashion_mnist(cache_dir, train_size=tree_sizes[0], val_size=tree_sizes[1],
-                                 image_size=32, raw_dir=raw_dir, log=log or _log)
-    data = work / "data"
+                                 image_size=image_size, raw_dir=raw_dir, log=log or _log)
+    data = work / folder
     data.mkdir(parents=True, exist_ok=True)
     out = {k: data / f"{k}.txt" for k in ("train", "val", "monitor", "ood")}
     for split, names in (("train", ("train",)), ("val", ("val", "monitor", "ood"))):
@@ -101,20 +180,22 @@ def prepare_study_data(work: Path, *, train_per_class: int, cache_dir: str | Non
     return out
 
 
-def write_recipe(work: Path) -> Path:
-    """STUDY_RECIPE as <work>/recipe.yaml (the --config of every training run)."""
+def write_recipe(work: Path, recipe: Mapping[str, Any] | None = None) -> Path:
+    """The recipe (default STUDY_RECIPE) as <work>/recipe.yaml, the --config of every run."""
     import yaml
     path = work / "recipe.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(STUDY_RECIPE, sort_keys=False))
+    path.write_text(yaml.safe_dump(dict(recipe or STUDY_RECIPE), sort_keys=False))
     return path
 
 
 def train_command(method: str, seed: int, run_dir: Path, data: dict[str, Path],
-                  epochs: int, recipe: Path) -> list[str]:
-    """The exact `python -m train` command of one fresh run."""
+                  epochs: int, recipe: Path, extra: Mapping[str, Any] | None = None
+                  ) -> list[str]:
+    """The exact `python -m train` command of one fresh run; extra: more dotted overrides
+    (an arm's, e.g. mix.mask_patch or run.epochs; they win over `epochs`)."""
     over = {"data.train": str(data["train"]), "data.val": str(data["monitor"]),
-            "mix.method": method, "run.seed": seed, "run.epochs": epochs}
+            "mix.method": method, "run.seed": seed, "run.epochs": epochs, **(extra or {})}
     cmd = [sys.executable, "-m", "train", "--config", str(recipe), "--output", str(run_dir)]
     for k, v in over.items():
         cmd += [f"--{k}", str(v)]
@@ -133,16 +214,36 @@ def _run_logged(cmd: list[str], log_file: Path, threads: int | None) -> int:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
 
+@contextlib.contextmanager
+def run_lock(work: Path, name: str) -> Iterator[bool]:
+    """Hold <work>/runs/<name>.lock (flock, released when the process dies); yields False when
+    another runner holds it."""
+    path = work / "runs" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train_run(method: str, seed: int, work: Path, out: Path, data: dict[str, Path],
-              epochs: int, threads: int | None, recipe: Path) -> bool:
-    """Train (or resume, or skip) one run; True when it has finished."""
-    name = f"{method}-s{seed}"
+              epochs: int, threads: int | None, recipe: Path, *, arm: str | None = None,
+              extra: Mapping[str, Any] | None = None) -> bool:
+    """Train (or resume, or skip) run <arm>-s<seed> (arm defaults to the method); True when it
+    has finished."""
+    name = f"{arm or method}-s{seed}"
     run_dir = work / "runs" / name
     done = run_dir / "done.json"
     if done.is_file():
         return True
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = train_command(method, seed, run_dir, data, epochs, recipe)
+    cmd = train_command(method, seed, run_dir, data, epochs, recipe, extra)
     if (run_dir / "last.pth").is_file():
         _log(f"{name}: resuming from {run_dir / 'last.pth'}")
         run_cmd = [sys.executable, "-m", "train", "--resume", str(run_dir)]
@@ -169,135 +270,46 @@ def train_run(method: str, seed: int, work: Path, out: Path, data: dict[str, Pat
 
 
 def evaluate_run(name: str, work: Path, out: Path, data: dict[str, Path],
-                 occlusion_samples: int, threads: int | None) -> bool:
-    """`python -m train.evaluate` on the run's final weights; True when its JSON exists."""
+                 occlusion_samples: int, threads: int | None, *,
+                 train_accuracy: bool = False) -> bool:
+    """`python -m train.evaluate` on the run's final weights; True when its JSON exists.
+    train_accuracy: also on the training list, without occlusion or OOD (train_eval.json)."""
     run_dir = work / "runs" / name
-    target = out / "runs" / name / "eval.json"
-    if target.is_file():
-        return True
-    cmd = [sys.executable, "-m", "train.evaluate", str(run_dir / "last.pth"),
-           "--data", str(data["val"]), "--ood", str(data["ood"]),
-           "--occlusion-samples", str(occlusion_samples), "--json", str(target), "--quiet"]
-    _log(f"{name}: evaluating")
-    rc = _run_logged(cmd, run_dir / "eval.log", threads)
-    if rc != 0:
-        _log(f"{name}: python -m train.evaluate exited with {rc}; see {run_dir / 'eval.log'}")
-        return False
-    return True
-
-
-SCALARS = (("top1", "top-1"), ("top5", "top-5"), ("nll", "NLL"), ("ece", "ECE"),
-           ("auroc", "OOD AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"),
-           ("fpr95", "FPR@95"), ("auroc_8", "AUROC bag only"),
-           ("auroc_9", "AUROC ankle boot only"))
-
-
-def _mean_std(values: list[float]) -> dict[str, Any]:
-    a = np.asarray(values, dtype=np.float64)
-    std = float(a.std(ddof=1)) if a.size > 1 else float("nan")
-    return {"mean": float(a.mean()), "std": std, "n": int(a.size), "values": a.tolist()}
-
-
-def _pool_bins(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
-    """Calibration bins of several runs merged (counts summed, means count-weighted)."""
-    out = []
-    for bs in zip(*runs):
-        n = sum(b["count"] for b in bs)
-        w = max(n, 1)
-        out.append({"lower": bs[0]["lower"], "upper": bs[0]["upper"], "count": n,
-                    "confidence": sum(b["confidence"] * b["count"] for b in bs) / w,
-                    "accuracy": sum(b["accuracy"] * b["count"] for b in bs) / w})
-    return out
-
-
-def aggregate(out: Path, *, methods: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
-    """Mean and sample std over seeds of every metric and occlusion point, per method, from
-    <out>/runs/<method>-s<seed>/eval.json; writes summary.json, summary.md and occlusion.png.
-    Occlusion 'mean_occ' = the mean accuracy over the nonzero drop ratios (area under the
-    curve / range). Calibration bins are pooled over seeds (reliability.png). Methods without
-    any evaluated run are left out."""
-    from .evaluate import plot_curves, plot_reliability
-    summary: dict[str, Any] = {}
-    for method in methods:
-        evals = [(s, json.loads(p.read_text())) for s in seeds
-                 if (p := out / "runs" / f"{method}-s{s}" / "eval.json").is_file()]
-        if not evals:
+    ckpt = str(run_dir / "last.pth")
+    jobs = [(out / "runs" / name / "eval.json",
+             ["--data", str(data["val"]), "--ood", str(data["ood"]),
+              "--occlusion-samples", str(occlusion_samples)])]
+    if train_accuracy:
+        jobs.append((out / "runs" / name / "train_eval.json",
+                     ["--data", str(data["train"]), "--modes"]))
+    for target, args in jobs:
+        if target.is_file():
             continue
-        flat = [{**{k: e[k] for k in ("top1", "top5", "nll", "ece")}, **e.get("ood", {}),
-                 **{f"auroc_{c}": v["auroc"]
-                    for c, v in e.get("ood", {}).get("by_label", {}).items()}}
-                for _, e in evals]
-        row: dict[str, Any] = {"seeds": [s for s, _ in evals]}
-        for key, _ in SCALARS:
-            if all(key in f for f in flat):
-                row[key] = _mean_std([f[key] for f in flat])
-        row["calibration_bins"] = _pool_bins([e["calibration_bins"] for _, e in evals])
-        occ = [e["occlusion"] for _, e in evals]
-        ratios = occ[0]["ratios"]
-        row["occlusion"] = {"ratios": ratios, "drop": occ[0]["drop"],
-                            "samples": occ[0]["samples"]}
-        for mode in occ[0]["accuracy"]:
-            curves = np.asarray([o["accuracy"][mode] for o in occ])  # (seeds, ratios)
-            nz = [j for j, r in enumerate(ratios) if r > 0]
-            row["occlusion"][mode] = {
-                "mean": curves.mean(0).tolist(),
-                "std": (curves.std(0, ddof=1) if len(occ) > 1
-                        else np.full(len(ratios), np.nan)).tolist(),
-                "mean_occ": _mean_std(curves[:, nz].mean(1).tolist())}
-        summary[method] = row
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(summary_table(summary))
-    if summary:
-        modes = [m for m in next(iter(summary.values()))["occlusion"] if m not in
-                 ("ratios", "drop", "samples")]
-        panels = {mode: {m: (r["occlusion"]["ratios"],
-                             [100 * v for v in r["occlusion"][mode]["mean"]],
-                             [100 * v for v in r["occlusion"][mode]["std"]])
-                         for m, r in summary.items()} for mode in modes}
-        plot_curves(panels, out / "occlusion.png",
-                    title="Fashion-MNIST (8 classes), top-1 vs patch-drop ratio, mean +- std "
-                          "over seeds")
-        plot_reliability({m: r["calibration_bins"] for m, r in summary.items()},
-                         out / "reliability.png", title="reliability, seeds pooled")
-    return summary
-
-
-def _fmt(ms: dict[str, Any] | None, scale: float = 100.0, digits: int = 2) -> str:
-    if ms is None:
-        return "-"
-    std = "" if not np.isfinite(ms["std"]) else f" ± {scale * ms['std']:.{digits}f}"
-    return f"{scale * ms['mean']:.{digits}f}{std}"
-
-
-def summary_table(summary: dict[str, Any]) -> str:
-    """Markdown: one row per method, mean ± std over seeds (percent, NLL as is)."""
-    if not summary:
-        return "no evaluated runs yet\n"
-    modes = [m for m in next(iter(summary.values()))["occlusion"]
-             if m not in ("ratios", "drop", "samples")]
-    scalars = [(k, t) for k, t in SCALARS if any(k in r for r in summary.values())]
-    head = ["method", "seeds"] + [t for _, t in scalars] + [f"occl. {m}" for m in modes]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for method, r in summary.items():
-        cells = [method, str(len(r["seeds"]))]
-        for key, _ in scalars:
-            cells.append(_fmt(r.get(key), 1.0, 3) if key == "nll" else _fmt(r.get(key)))
-        cells += [_fmt(r["occlusion"][m]["mean_occ"]) for m in modes]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cmd = [sys.executable, "-m", "train.evaluate", ckpt, *args, "--json", str(target),
+               "--quiet"]
+        _log(f"{name}: evaluating ({target.name})")
+        rc = _run_logged(cmd, run_dir / "eval.log", threads)
+        if rc != 0:
+            _log(f"{name}: python -m train.evaluate exited with {rc}; see {run_dir / 'eval.log'}")
+            return False
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.study", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="results/study_fmnist", help="results folder (committed)")
-    p.add_argument("--work", default="runs/study_fmnist", help="checkpoints (not committed)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--train-per-class", type=int, default=1000)
+    p.add_argument("--study", default="fmnist", choices=sorted(STUDIES),
+                   help="named study (recipe, arms, seeds, budget); options below override it")
+    p.add_argument("--list", action="store_true", help="print the named studies and exit")
+    p.add_argument("--out", default=None, help="results folder (committed; default per study)")
+    p.add_argument("--work", default=None, help="checkpoints (not committed; default per study)")
+    p.add_argument("--methods", "--arms", dest="arms", nargs="+", default=None,
+                   help="arms to run (default: all of the study's; for fmnist: method names)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train-per-class", type=int, default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="OMP_NUM_THREADS of the train/evaluate processes (0: torch default)")
-    p.add_argument("--occlusion-samples", type=int, default=400,
+    p.add_argument("--occlusion-samples", type=int, default=None,
                    help="validation images used for the occlusion curves (class-balanced)")
     p.add_argument("--stages", nargs="+", default=["train", "evaluate", "aggregate"],
                    choices=["train", "evaluate", "aggregate"])
@@ -306,29 +318,69 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _arms(study: Study, names: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    if names is None:
+        return {a: dict(o) for a, o in study.arms.items()}
+    bad = [n for n in names if n not in study.arms]
+    if bad:
+        raise ValueError(f"--arms {bad} not in study {study.name!r}: valid {list(study.arms)}")
+    return {a: dict(study.arms[a]) for a in names}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    out, work = Path(args.out).resolve(), Path(args.work).resolve()
+    if args.list:
+        for s in STUDIES.values():
+            print(f"{s.name:14} {s.description} -> {s.out}")
+        return 0
+    st = STUDIES[args.study]
+    out = Path(args.out or st.out).resolve()
+    work = Path(args.work or st.work).resolve()
+    arms = _arms(st, args.arms)
+    seeds = args.seeds if args.seeds is not None else list(st.seeds)
+    epochs = args.epochs or st.epochs
+    occl = args.occlusion_samples or st.occlusion_samples
     out.mkdir(parents=True, exist_ok=True)
     if {"train", "evaluate"} & set(args.stages):
-        data = prepare_study_data(work, train_per_class=args.train_per_class,
-                                  cache_dir=args.cache_dir, raw_dir=args.raw_dir)
-        recipe = write_recipe(work)
-        for seed in args.seeds:      # seed-major: partial results cover every method early
-            for method in args.methods:
-                name = f"{method}-s{seed}"
-                if "train" in args.stages:
-                    ok = train_run(method, seed, work, out, data, args.epochs, args.threads,
-                                   recipe)
-                else:
-                    ok = (work / "runs" / name / "done.json").is_file()
-                if ok and "evaluate" in args.stages:
-                    evaluate_run(name, work, out, data, args.occlusion_samples, args.threads)
+        recipe = write_recipe(work, st.recipe_dict())
+        datas: dict[int, dict[str, Path]] = {}
+        for seed in seeds:      # seed-major: partial results cover every arm early
+            for arm, arm_over in arms.items():
+                over = dict(arm_over)
+                n = over.pop("train_per_class", args.train_per_class or st.train_per_class)
+                if n not in datas:
+                    datas[n] = prepare_study_data(
+                        work, train_per_class=n, cache_dir=args.cache_dir, raw_dir=args.raw_dir,
+                        image_size=st.image_size,
+                        folder="data" if n == (args.train_per_class or st.train_per_class)
+                        else f"data_n{n}")
+                _one_run(arm, over, seed, work, out, datas[n], epochs, args, recipe, occl,
+                         st.train_accuracy)
     if "aggregate" in args.stages:
-        summary = aggregate(out, methods=args.methods, seeds=args.seeds)
-        _log(f"wrote {out / 'summary.md'}, {out / 'summary.json'}, {out / 'occlusion.png'}")
+        summary = aggregate(out, methods=list(arms), seeds=seeds, reference=st.reference)
+        _log(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and the plots")
         print(summary_table(summary), end="")
     return 0
+
+
+def _one_run(arm: str, over: dict[str, Any], seed: int, work: Path, out: Path,
+             data: dict[str, Path], epochs: int, args: argparse.Namespace, recipe: Path,
+             occl: int, train_accuracy: bool) -> None:
+    name = f"{arm}-s{seed}"
+    with run_lock(work, name) as mine:
+        if not mine:
+            _log(f"{name}: another runner holds {work / 'runs' / (name + '.lock')}; skipped")
+            return
+        method = over["mix.method"]
+        extra = {k: v for k, v in over.items() if k != "mix.method"}
+        if "train" in args.stages:
+            ok = train_run(method, seed, work, out, data, epochs, args.threads, recipe,
+                           arm=arm, extra=extra)
+        else:
+            ok = (work / "runs" / name / "done.json").is_file()
+        if ok and "evaluate" in args.stages:
+            evaluate_run(name, work, out, data, occl, args.threads,
+                         train_accuracy=train_accuracy)
 
 
 if __name__ == "__main__":
