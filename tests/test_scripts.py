@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import site
 import subprocess
 import sys
 import tomllib
@@ -58,9 +59,11 @@ def test_bad_arguments_exit_2(capsys):
 
 def test_installed_scripts_match_pyproject():
     """An install (pip install -e .) made before a script was added does not have it."""
-    try:
-        dist = importlib.metadata.distribution("mixpro-dali")
-    except importlib.metadata.PackageNotFoundError:
+    # site-packages only: a source tree on sys.path may hold a stale build's *.egg-info
+    found = list(importlib.metadata.distributions(name="mixpro-dali",
+                                                  path=site.getsitepackages()))
+    if not found:
         pytest.skip("mixpro-dali is not installed (tests run from the source tree)")
+    dist = found[0]
     installed = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
     assert installed == SCRIPTS, "stale install: run `pip install -e .` again"
