@@ -114,8 +114,9 @@ class RandAugmentLayer:
         self.fill = tuple(fill) * 3 if len(fill) == 1 else tuple(fill)  # PIL: an int is red only
         self.pool = pool
 
-    def one(self, image: np.ndarray, op: int, level: float) -> np.ndarray:
-        """Op ``op`` at signed magnitude ``level`` on one HWC uint8 RGB array; a new array."""
+    def one(self, image: np.ndarray, op: int, level: float, flip: bool = False) -> np.ndarray:
+        """Op ``op`` at signed magnitude ``level`` on one HWC uint8 RGB array, after a
+        horizontal flip if ``flip`` (timm flips before RandAugment); a new array."""
         if not 0 <= op < len(self.kernels):
             raise ValueError(f"RandAugment op index {op} out of range [0, {len(self.kernels)})")
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -123,19 +124,23 @@ class RandAugmentLayer:
                              f"{image.shape} {image.dtype}")
         to_arg = self.level_to_arg[op]
         arg = None if to_arg is None else to_arg(np.float64(level), self.math)  # timm: float64
-        return np.array(self.kernels[op](Image.fromarray(image, "RGB"), arg, self.fill))
+        pil = Image.fromarray(image, "RGB")
+        if flip:   # Pillow's transpose: ~0.06 ms at 224 px, ~8x less than a numpy flip copy
+            pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.array(self.kernels[op](pil, arg, self.fill))
 
     def __call__(self, images, decisions):
-        """``decisions`` per sample: float32 (op index, applies 0/1, signed level)."""
+        """``decisions`` per sample: float32 (op index, applies 0/1, signed level[, flip 0/1]);
+        a flip is only asked for together with an applied op."""
         import torch
         from torch.utils.dlpack import to_dlpack
 
         tensors = [torch.from_dlpack(t) for t in images]
         jobs = []
         for i, (t, d) in enumerate(zip(tensors, decisions)):
-            op, on, level = torch.from_dlpack(d).tolist()
+            op, on, level, *flip = torch.from_dlpack(d).tolist()
             if on:
-                jobs.append((i, t.numpy(), int(op), level))
+                jobs.append((i, t.numpy(), int(op), level, bool(flip and flip[0])))
         run = (lambda job: self.one(*job[1:]))
         results = map(run, jobs) if self.pool is None else self.pool.map(run, jobs)
         for (i, *_), array in zip(jobs, results):

@@ -41,6 +41,7 @@ is black, as below.
 | fill of geometric ops | per-channel; default (124, 116, 104) = round(255*mean) as timm's create_transform passes (bare rand_augment_transform uses 128) |
 | PosterizeIncreasing at level 10 (0 bits) | black image, as timm intends and Pillow < 10 did; Pillow 13 raises ValueError (the DeiT crash) |
 | unknown or repeated key, bad t name, inc other than 0/1, mmax0 | ValueError (timm: assert, silent skip, last/first wins, default set, ``0 == 10``) |
+| horizontal flip (``flip_rand_augment``) | before the ops, as timm's RandomHorizontalFlip -> RandAugment: exact (ShearY's fill wedge on timm's side) |
 | random streams | not timm's Python RNG: same distributions, different draws |
 """
 from __future__ import annotations
@@ -57,7 +58,8 @@ from nvidia.dali.auto_aug import augmentations as dali_aug
 from nvidia.dali.auto_aug.core import augmentation, select
 from nvidia.dali.data_node import DataNode
 
-__all__ = ["RandAugmentPolicy", "parse_policy", "rand_augment", "TRANSFORM_SETS", "OP_NAMES"]
+__all__ = ["RandAugmentPolicy", "parse_policy", "rand_augment", "flip_rand_augment",
+           "TRANSFORM_SETS", "OP_NAMES"]
 
 _LEVEL_DENOM = 10.0
 IMAGENET_FILL = (124, 116, 104)  # round(255 * IMAGENET_DEFAULT_MEAN), timm create_transform's img_mean
@@ -426,7 +428,25 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
                  seed: int | None = None, kernels: str = "auto",
                  threads: int | None = None) -> DataNode:
     """timm RandAugment on a batch of uint8 HWC images (cpu or gpu DataNode), same shape/dtype.
+    See ``flip_rand_augment`` for the arguments."""
+    return _rand_augment(images, policy, None, fill=fill, seed=seed, kernels=kernels,
+                         threads=threads)[0]
 
+
+def flip_rand_augment(images: DataNode, mirror: DataNode | None,
+                      policy: str | RandAugmentPolicy = "rand-m9-mstd0.5-inc1", *,
+                      fill: int | Sequence[int] | None = IMAGENET_FILL, seed: int | None = None,
+                      kernels: str = "auto", threads: int | None = None
+                      ) -> tuple[DataNode, DataNode | None]:
+    """timm's ``RandomHorizontalFlip -> RandAugment`` on a batch of uint8 HWC images (cpu or gpu
+    DataNode), same shape/dtype. Returns ``(images, mirror_left)``.
+
+    ``mirror``: per-sample 0/1 (e.g. ``fn.random.coin_flip``): flip horizontally before the ops
+    (None: no flip; ``mirror_left`` None). The flip is done right before a sample's first applied op, inside that op's pass
+    (Pillow: one ``transpose``); samples no op touches are not flipped here, and
+    ``mirror_left`` (int32 0/1) says which flips are still owed: hand it to the next pass
+    (``normalize(mirror=...)`` does it for free). Flipping after the ops is not equivalent:
+    ShearY's fill wedge would land on either side instead of timm's one side.
     ``fill``: color of the area geometric ops uncover (per channel; None repeats the border).
     ``seed``: seeds this op's random streams; None derives them from the pipeline seed.
     ``kernels``: who applies the ops once DALI has drawn the decisions: "dali" (DALI operators in
@@ -436,6 +456,15 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
     Needs ``@pipeline_def(enable_conditionals=True)``; gpu images also need DALI's default
     dynamic executor (the image size is read on the CPU for Rotate/Translate).
     """
+    if mirror is not None and not isinstance(mirror, DataNode):
+        raise TypeError(f"mirror must be a DALI DataNode of per-sample 0/1 or None, got "
+                        f"{type(mirror).__name__}")
+    return _rand_augment(images, policy, mirror, fill=fill, seed=seed, kernels=kernels,
+                         threads=threads)
+
+
+def _rand_augment(images, policy, mirror, *, fill, seed, kernels, threads):
+    """(images, mirror_left); mirror None: no flip (mirror_left None)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     policy = parse_policy(policy) if isinstance(policy, str) else policy
@@ -446,7 +475,8 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
     _check_input(images, fill)
     n = policy.num_layers
     if n == 0 or policy.prob == 0:
-        return images
+        return images, mirror
+    left = None if mirror is None else fn.cast(mirror, dtype=types.INT32)  # flips still owed
     use_pillow = kernels == "pillow" or (kernels == "auto" and images.device == "cpu"
                                          and fill is not None)
     if use_pillow and images.device != "cpu":
@@ -466,22 +496,34 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
         apply = None
         if policy.prob < 1.0:
             apply = fn.random.coin_flip(probability=policy.prob, dtype=types.BOOL, seed=s_apply)
+        flip = None                              # flip now: owed and this layer's op applies
+        if left is not None:
+            flip = left if apply is None else left * fn.cast(apply, dtype=types.INT32)
+            left = left - flip
         if layer_op is not None:
             on = 1.0 if apply is None else fn.cast(apply, dtype=types.FLOAT)
-            decision = fn.stack(fn.cast(op_idx[layer], dtype=types.FLOAT), on, level)
+            fields = [fn.cast(op_idx[layer], dtype=types.FLOAT), on, level]
+            if flip is not None:
+                fields.append(fn.cast(flip, dtype=types.FLOAT))
             images = fn.dl_tensor_python_function(
-                images, decision, function=layer_op, batch_processing=True, num_outputs=1,
-                output_layouts="HWC", synchronize_stream=False)
+                images, fn.stack(*fields), function=layer_op, batch_processing=True,
+                num_outputs=1, output_layouts="HWC", synchronize_stream=False)
             continue
         kwargs = dict(level=level, fill=fill)
         if size is not None:
             kwargs["size"] = size
         if apply is not None:
             if apply:
-                images = select(ops, op_idx[layer], images, **kwargs)
+                images = _select(ops, op_idx[layer], images, flip, kwargs)
         else:
-            images = select(ops, op_idx[layer], images, **kwargs)
-    return images
+            images = _select(ops, op_idx[layer], images, flip, kwargs)
+    return images, left
+
+
+def _select(ops, op_idx, images, flip, kwargs):
+    if flip is not None:
+        images = fn.flip(images, horizontal=flip)
+    return select(ops, op_idx, images, **kwargs)
 
 
 def _pillow_layer(policy: RandAugmentPolicy, fill, threads: int | None):

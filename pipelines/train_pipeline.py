@@ -1,12 +1,14 @@
 """The training pipeline (DeiT / MixPro recipe, timm's order of augmentations):
 
     reader (global shuffle per epoch) -> decode with random resized crop (fused ROI decode)
-    -> resize to image_size (bicubic) -> RandAugment (HWC uint8) -> horizontal flip +
-    normalize to CHW float (one pass) -> random erasing -> MaskMix operator -> outputs
+    -> resize to image_size (bicubic) -> horizontal flip -> RandAugment (HWC uint8)
+    -> normalize to CHW float -> random erasing -> MaskMix operator -> outputs
 
-timm flips before RandAugment; we flip inside the normalize pass after it. The two orders give
-the same distribution: colour ops commute with a flip, and every geometric op of timm's
-RandAugment (rotate, shear, translate) draws its sign at random with probability 1/2.
+The flip comes before RandAugment, as in timm; the other order is not equivalent: ShearY
+(y' = y + f*x) is not mirror-symmetric, so in timm's order its fill wedge is always on one side
+(the right), flipped afterwards on either side. The flip costs no pass of its own: a sample is
+flipped inside the pass of its first applied RandAugment op (a Pillow transpose on the CPU),
+and a sample no op touches inside the normalize pass (a flip commutes with doing nothing).
 
 Normalized images travel through erasing and mixing as `pipeline_dtype(backend, dtype)` (the
 loader casts to the output dtype): float16 on the GPU (half the bytes; half precision resolves
@@ -18,7 +20,7 @@ the float16 saving in erasing and mixing, and a float32 output then needs no cas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from mixpro_dali import MixConfig, MaskMixOperator, mix
 
@@ -26,6 +28,9 @@ from .badfiles import SampleTracker
 from .decode import (DTYPES, IMAGENET_MEAN, IMAGENET_STD, decode_random_crop, guard, normalize,
                      resize_train)
 from .readers import Source, read
+
+if TYPE_CHECKING:
+    from .randaugment import RandAugmentPolicy
 
 __all__ = ["TrainOptions", "TRAIN_OUTPUTS", "pipeline_dtype", "build_train_pipeline",
            "pipeline_seed", "no_mix_config"]
@@ -41,10 +46,11 @@ TRAIN_OUTPUTS = ("image", "label_a", "label_b", "lam", "token_mask", "mode", "_c
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Augmentation settings of the training pipeline (defaults: DeiT / MixPro recipe)."""
+    """Augmentation settings of the training pipeline (defaults: DeiT / MixPro recipe).
+    auto_augment: a timm RandAugment string, a RandAugmentPolicy, or None (off)."""
 
     image_size: tuple[int, int] = (224, 224)
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    auto_augment: "str | RandAugmentPolicy | None" = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25
     interpolation: str = "bicubic"
     mean: Sequence[float] = IMAGENET_MEAN
@@ -86,9 +92,9 @@ def no_mix_config(image_size: tuple[int, int]) -> MixConfig:
 def _augmentations(opts: TrainOptions):
     """(rand_augment, random_erasing), each None when the options switch it off."""
     from .erasing import random_erasing
-    from .randaugment import rand_augment
+    from .randaugment import flip_rand_augment
 
-    return (rand_augment if opts.auto_augment else None,
+    return (flip_rand_augment if opts.auto_augment else None,
             random_erasing if opts.re_prob > 0 else None)
 
 
@@ -122,10 +128,10 @@ def build_train_pipeline(source: Source, *, batch_size: int, opts: TrainOptions,
                                     ratio=opts.ratio, hw_decoder_load=opts.hw_decoder_load)
         images = resize_train(images, opts.image_size, opts.interpolation, backend=backend,
                               threads=num_threads)
-        if rand_augment is not None:
-            fill = tuple(round(255 * m) for m in opts.mean)     # timm: img_mean
-            images = rand_augment(images, opts.auto_augment, fill=fill)
         mirror = fn.random.coin_flip(probability=opts.hflip) if opts.hflip > 0 else None
+        if rand_augment is not None:                            # timm: flip, then RandAugment
+            fill = tuple(round(255 * m) for m in opts.mean)     # timm: img_mean
+            images, mirror = rand_augment(images, mirror, opts.auto_augment, fill=fill)
         images = normalize(images, mean=opts.mean, std=opts.std,
                            dtype=pipeline_dtype(backend, opts.dtype), mirror=mirror)
         if random_erasing is not None:
