@@ -97,8 +97,12 @@ def test_two_steps_each_method(tree, tmp_path, method, preset, extra):
     assert ck["state"]["step"] == 2 and ck["config"]["mix"]["method"] == method
     model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **KWARGS)
     model.load_state_dict(torch.load(out / "best_timm.pth", weights_only=True))
-    header = (out / "summary.csv").read_text().splitlines()[0]
-    assert header == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr"
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    pal = ["train_pal_alpha_mean", "train_pal_alpha_std", "train_pal_lam_attn",
+           "train_pal_lam_area", "train_pal_lam_shift"] if method == "mixpro" else []
+    modes = ["train_mode_none", "train_mode_mixup", "train_mode_cutmix", "train_mode_maskmix"]
+    assert header == ["epoch", "train_loss", *pal, *modes, "eval_loss", "eval_top1",
+                      "eval_top5", "lr"]
 
 
 def test_resume_after_kill_reproduces_losses(tree, tmp_path, monkeypatch):

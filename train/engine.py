@@ -18,9 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixpro_dali.config import MODES
+from mixpro_dali.labels import attn_lambda
+
 from .dist import DistInfo, all_reduce_sum
 
-__all__ = ["NonFiniteLossError", "TrainState", "Engine", "group_size", "topk_correct"]
+__all__ = ["NonFiniteLossError", "TrainState", "Engine", "PalMonitor", "group_size",
+           "topk_correct"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,12 +66,98 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
     return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]
 
 
+class PalMonitor:
+    """Per-epoch PAL quantities and mode shares, summed on the device (no host sync per batch).
+
+    Over the PAL samples of the epoch (MaskMix samples under method mixpro): mean and std of
+    alpha, mean lam_attn, mean lam_area, mean |lam - lam_area| (how far PAL moved the label),
+    and a histogram of alpha over [0, 1]. Over all batches: the share of batches in each mode
+    (one mode per batch). The sums are this rank's; `epoch_end` sums them over the ranks.
+    """
+
+    MODE_NAMES = tuple(sorted(MODES, key=MODES.get))  # none, mixup, cutmix, maskmix
+    # accumulator layout: batches, PAL samples, sum alpha, sum alpha^2, sum lam_attn,
+    # sum lam_area, sum |lam - lam_area|, one count per mode, then the alpha histogram
+    _N, _P, _A, _A2, _ATTN, _AREA, _SHIFT, _MODE = range(8)
+
+    def __init__(self, device: torch.device, *, pal: bool, bins: int = 20) -> None:
+        self.device, self.pal, self.bins = device, pal, bins
+        self._hist = self._MODE + len(self.MODE_NAMES)
+        self.acc = torch.zeros(self._hist + bins, dtype=torch.float64, device=device)
+        self.last_hist: list[float] = []
+
+    def reset(self) -> None:
+        self.acc.zero_()
+
+    @torch.no_grad()
+    def update(self, batch: Mapping[str, torch.Tensor], targets: Any,
+               attn: torch.Tensor | None) -> None:
+        """One micro-batch: `targets` is the MixTargets of the loss, `attn` the class attention
+        (B, h*w) of the same forward (None without PAL). Device ops only."""
+        dev = self.device
+        mode = batch["mode"].to(dev, non_blocking=True)
+        parts = [torch.ones(1, dtype=torch.float64, device=dev)]
+        if self.pal and attn is not None:
+            alpha = targets.alpha.to(dev).double()  # NaN where PAL was not applied
+            pal = torch.isfinite(alpha)
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+
+            def masked(x: torch.Tensor) -> torch.Tensor:
+                return torch.where(pal, x.to(dev).double(), zero)
+
+            a = masked(alpha)
+            lam_area = batch["lam"].to(dev, non_blocking=True)
+            lam_attn = masked(attn_lambda(attn, batch["token_mask"].to(dev, non_blocking=True)))
+            shift = masked((targets.lam.to(dev) - lam_area.float()).abs())
+            idx = (a * self.bins).long().clamp_(0, self.bins - 1)
+            hist = torch.zeros(self.bins, dtype=torch.float64, device=dev).index_add_(
+                0, idx, pal.double())
+            parts.append(torch.stack([pal.double().sum(), a.sum(), (a * a).sum(), lam_attn.sum(),
+                                      masked(lam_area).sum(), shift.sum()]))
+        else:
+            parts.append(torch.zeros(6, dtype=torch.float64, device=dev))
+            hist = torch.zeros(self.bins, dtype=torch.float64, device=dev)
+        parts.append(F.one_hot(mode[:1].long(), len(self.MODE_NAMES))[0].double())
+        parts.append(hist)
+        self.acc += torch.cat(parts)
+
+    def state(self) -> list[float]:
+        """This rank's sums (one host copy), for a checkpoint."""
+        return self.acc.tolist()
+
+    def load_state(self, values: list[float]) -> None:
+        if len(values) != self.acc.numel():
+            raise ValueError(f"PAL monitor state has {len(values)} values, expected "
+                             f"{self.acc.numel()}")
+        self.acc.copy_(torch.tensor(values, dtype=torch.float64))
+
+    def epoch_end(self) -> dict[str, float]:
+        """Sum over ranks, reset, and return the epoch's columns (histogram in last_hist)."""
+        tot = all_reduce_sum(self.acc.clone()).tolist()
+        self.reset()
+        n = max(tot[self._N], 1.0)
+        out = {f"mode_{m}": tot[self._MODE + i] / n for i, m in enumerate(self.MODE_NAMES)}
+        self.last_hist = tot[self._hist:]
+        if not self.pal:
+            return out
+        p = tot[self._P]
+        nan = float("nan")
+        mean = tot[self._A] / p if p else nan
+        var = max(tot[self._A2] / p - mean * mean, 0.0) if p else nan
+        out = {"pal_alpha_mean": mean, "pal_alpha_std": math.sqrt(var),
+               "pal_lam_attn": tot[self._ATTN] / p if p else nan,
+               "pal_lam_area": tot[self._AREA] / p if p else nan,
+               "pal_lam_shift": tot[self._SHIFT] / p if p else nan, **out}
+        return out
+
+
 class Engine:
     """Holds what the loop needs; `train_epoch` and `evaluate` are the loop."""
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer, scheduler, scaler,
                  loss_fn: Callable, *, dist: DistInfo, amp: str = "none", accum_steps: int = 1,
-                 clip_grad: float | None = None, ema=None) -> None:
+                 clip_grad: float | None = None, ema=None,
+                 monitor: PalMonitor | None = None) -> None:
         self.model = model              # the bare timm model (parameters, EMA, state dicts)
         self.train_model = train_model  # what runs forward: DDP and/or compiled wrapper
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
@@ -77,6 +167,7 @@ class Engine:
         self.accum_steps = accum_steps
         self.clip_grad = clip_grad
         self.ema = ema
+        self.monitor = monitor
         self.amp_dtype = None
         if self.device.type == "cuda" and amp != "none":
             self.amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -98,7 +189,10 @@ class Engine:
         with self._no_sync(last):
             with self.autocast():
                 logits = self.train_model(batch["image"])  # (B, C)
-            loss, _ = self.loss_fn(logits, batch)
+            loss, targets = self.loss_fn(logits, batch)
+            if self.monitor is not None:
+                att = getattr(self.loss_fn, "attention", None)
+                self.monitor.update(batch, targets, att.maps if att is not None else None)
             self.scaler.scale(loss / divisor).backward()
         return loss.detach()
 
@@ -160,7 +254,10 @@ class Engine:
         state.loss_sum += self._check_finite(loss_acc, state)
         tot = all_reduce_sum(torch.tensor([state.loss_sum, state.loss_count],
                                           dtype=torch.float64, device=self.device))
-        return {"loss": (tot[0] / tot[1].clamp(min=1)).item()}
+        out = {"loss": (tot[0] / tot[1].clamp(min=1)).item()}
+        if self.monitor is not None:
+            out.update(self.monitor.epoch_end())
+        return out
 
     @property
     def lr(self) -> float:

@@ -19,8 +19,9 @@ from . import checkpoint as ckpt_io
 from .config import TrainConfig, dump_yaml
 from .dist import DistInfo, all_gather_object, barrier, broadcast_object, cleanup, \
     init_distributed
-from .engine import Engine, TrainState
+from .engine import Engine, PalMonitor, TrainState
 from .losses import MixLoss, mix_config_for
+from .pal_plot import PAL_FILE
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .summary import Progress, Reporter, fmt_time, format_table
 
@@ -238,8 +239,10 @@ def _build(cfg: TrainConfig, dist: DistInfo) -> tuple[Engine, Any, Any]:
     if cfg.run.ema:  # after DDP built (it broadcasts rank 0's weights)
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.run.ema_decay)
+    monitor = PalMonitor(dist.device, pal=loss_fn.label_method == "mixpro")
     eng = Engine(model, train_model, optimizer, scheduler, scaler, loss_fn, dist=dist,
-                 amp=cfg.run.amp, accum_steps=o.accum_steps, clip_grad=o.clip_grad, ema=ema)
+                 amp=cfg.run.amp, accum_steps=o.accum_steps, clip_grad=o.clip_grad, ema=ema,
+                 monitor=monitor)
     return eng, train_loader, val_loader
 
 
@@ -316,9 +319,11 @@ def _epochs(cfg: TrainConfig, dist: DistInfo, eng: Engine, train_loader, val_loa
                 st.best_top1, st.best_epoch = evals["top1"], epoch
             sec = time.perf_counter() - t_ep
             st.history.append({"epoch": epoch, "train_loss": train_m["loss"], **evals,
-                               "seconds": sec})
+                               "seconds": sec, **_pal_history(train_m, eng.monitor)})
             saver.epoch_end(st, is_best)
             count = evals.pop("count")
+            if dist.is_main and eng.monitor is not None and eng.monitor.pal:
+                write_pal_history(out / PAL_FILE, st.history, eng.monitor.bins)
             reporter.epoch(epoch, train_m, evals, lr=eng.lr, seconds=sec, step=st.step)
             _say(dist, f"epoch {epoch + 1}/{cfg.run.epochs}: train loss {train_m['loss']:.4f} "
                        f"val loss {evals['loss']:.4f} top-1 {evals['top1']:.2f} top-5 "
@@ -328,6 +333,32 @@ def _epochs(cfg: TrainConfig, dist: DistInfo, eng: Engine, train_loader, val_loa
     finally:
         reporter.close()
     return last, samples, train_s
+
+
+def _pal_history(train_m: dict[str, Any], monitor: PalMonitor | None) -> dict[str, Any]:
+    """The epoch's PAL columns and its alpha histogram, kept in the history (so checkpoints
+    carry them and pal_alpha.json can be rewritten whole)."""
+    if monitor is None:
+        return {}
+    out = {k: v for k, v in train_m.items() if k.startswith(("pal_", "mode_"))}
+    if monitor.pal:
+        out["pal_alpha_hist"] = list(monitor.last_hist)
+    return out
+
+
+def write_pal_history(path: Path, history: list[dict[str, Any]], bins: int) -> None:
+    """pal_alpha.json: per epoch alpha mean/std and the per-sample alpha histogram (counts of
+    `bins` equal bins over [0, 1]); `python -m train.pal_plot RUN_DIR` draws it."""
+    import json
+    import os
+    rows = [{"epoch": h["epoch"], "alpha_mean": h.get("pal_alpha_mean"),
+             "alpha_std": h.get("pal_alpha_std"),
+             "counts": [int(c) for c in h["pal_alpha_hist"]]}
+            for h in history if "pal_alpha_hist" in h]
+    text = json.dumps({"bins": bins, "range": [0.0, 1.0], "epochs": rows}, allow_nan=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _final_table(cfg: TrainConfig, result: dict[str, Any], out: Path) -> str:
