@@ -5,11 +5,12 @@ DALI names some failures (a truncated JPEG: "Failed to decode sample #3 : a/b.jp
 file: "File mapping failed: a/b.jpg") but not others (a text file saved as .jpg, a broken
 header: "nvImageCodec failure: '#4'"), and any of them ends the pipeline. So:
   - `check_bytes` is the scan's structural check (no decode: magic bytes, JPEG markers up to
-    the first scan, the end-of-image marker, PNG's IEND), plus an optional full PIL decode;
+    the first scan, the end-of-image marker, PNG's IEND), plus an optional full PIL decode
+    (the deep scan, pipelines/deep_scan.py, decides with DALI's decoder instead);
   - `SampleTracker` runs inside the pipeline on every batch: it rejects data that is no image
     at all (with the file named) and remembers which files each batch held, so that when the
-    decoder fails without a name `explain_failure` checks that batch's files and names the bad
-    one.
+    decoder fails without a name `explain_failure` decodes that batch's files again with the
+    training decoder in a subprocess (bisecting it) and names the bad one.
 What still decodes (grayscale, CMYK, PNG inside .JPEG, progressive, EXIF-rotated) is fine.
 """
 from __future__ import annotations
@@ -25,13 +26,17 @@ from typing import Iterable
 __all__ = ["BadImageError", "sniff_format", "check_bytes", "read_source", "check_source",
            "SampleTracker", "explain_failure"]
 
-SCAN_HINT = ("list all bad files with `python -m pipelines.scan {root} --output bad.txt` and "
-             "leave them out: TrainLoader(..., exclude='bad.txt') (WebDataset: rewrite the shards)")
+SCAN_HINT = ("leave it out with `--data.exclude FILE` (python -m train) or `exclude=FILE` "
+             "(TrainLoader/ValLoader), FILE listing one path a line; or rescan to list every "
+             "such file: `python -m pipelines.scan {root} --deep --output bad.txt` "
+             "(WebDataset: rewrite the shards without them)")
 _TAG = "[pipelines] bad image file"
 
 _MAGIC = [
     (b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"),
-    (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"), (b"MM\x00+", "tiff"),                      # BigTIFF
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
     (b"\xffO\xffQ", "jpeg2000"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
 ]
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -94,11 +99,12 @@ def _check_jpeg(data: bytes) -> str | None:
     return None
 
 
-def check_bytes(data: bytes, *, decode: bool = False) -> str | None:
+def check_bytes(data: bytes, *, decode: bool = False, pil: bool = True) -> str | None:
     """Why `data` would fail in DALI's decoder, or None if it looks decodable.
 
     Structural checks only (fast); decode=True also decodes fully with Pillow (slower, also
-    catches corrupt compressed data)."""
+    catches corrupt compressed data); pil=False: no Pillow at all (pure-Python JPEG/PNG
+    checks; safe in a process whose DALI decoder has just failed)."""
     if not data:
         return "empty file"
     fmt = sniff_format(data[:16])
@@ -114,7 +120,7 @@ def check_bytes(data: bytes, *, decode: bool = False) -> str | None:
             reason = "corrupt PNG header"
         elif data.rfind(b"IEND") < 0:
             reason = "truncated PNG (no IEND chunk)"
-    if reason is None and (decode or fmt not in ("jpeg", "png")):
+    if reason is None and pil and (decode or fmt not in ("jpeg", "png")):
         reason = _pil_check(data, full=decode)
     return reason
 
@@ -201,10 +207,16 @@ _DATA_ERROR = re.compile(r"decoders\.|readers\.|python_function|nvImageCodec|" +
 
 
 def explain_failure(error: BaseException, candidates: Iterable[str] = (),
-                    root: str = "ROOT") -> BadImageError | None:
+                    root: str = "ROOT", *, backend: str = "cpu",
+                    device_id: int | None = None) -> BadImageError | None:
     """A BadImageError naming the file behind a DALI data error, or None when `error` is not
-    about input data. `candidates`: files of the failing batch, checked (full decode) when
-    DALI's message names no file. `root`: the data source, for the scan command suggested."""
+    about input data. `candidates`: files of the failing batch; when DALI's message names no
+    file they are decoded again with the training decoder (`backend`, `device_id`) in a
+    subprocess, bisecting the batch, until the one it fails on is found (never with Pillow:
+    Pillow decoding a JPEG 2000 next to DALI's failed decode of it kills the process).
+    `root`: the data source, for the scan command suggested."""
+    from .decode_worker import find_failures
+
     hint = SCAN_HINT.format(root=root)
     msg = str(error)
     if not _DATA_ERROR.search(msg):
@@ -213,19 +225,33 @@ def explain_failure(error: BaseException, candidates: Iterable[str] = (),
         m = pattern.search(msg)
         if m:
             path = m["path"]
-            reason = m.groupdict().get("reason") or check_source(path, decode=True) or "decode failed"
+            reason = m.groupdict().get("reason") or _decoder_reason(path, backend, device_id)
             return BadImageError(f"cannot decode {path!r} ({reason}); {hint}", path, reason)
-    seen = set()
-    for path in candidates:
-        if path in seen:
-            continue
-        seen.add(path)
-        reason = check_source(path, decode=True)
-        if reason:
+    files = list(dict.fromkeys(candidates))
+    failed = find_failures(files, backend=backend, device_id=device_id) if files else {}
+    for path in files:
+        if path in failed:
+            try:
+                structural = check_bytes(read_source(path), pil=False)
+            except (OSError, KeyError, tarfile.TarError):
+                structural = None
+            reason = f"{structural}; {failed[path]}" if structural else failed[path]
             return BadImageError(f"cannot decode {path!r} ({reason}); {hint}", path, reason)
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
     detail = after[0] if after else "no message"
     return BadImageError(
-        f"DALI failed on input data and named no file ({detail.strip()}); checked "
-        f"{len(seen)} file(s) of the failing batch without finding it; {hint}")
+        f"DALI failed on input data and named no file ({detail.strip()}); decoded the "
+        f"{len(files)} file(s) of the failing batch again without finding it; {hint}")
+
+
+def _decoder_reason(path: str, backend: str, device_id: int | None) -> str:
+    """Why the training decoder fails on `path` (asked in a subprocess)."""
+    from .decode_worker import find_failures
+
+    try:
+        reason = check_bytes(read_source(path), pil=False)   # empty, truncated, no image
+    except (OSError, KeyError, tarfile.TarError) as e:
+        reason = f"cannot read: {e}"
+    return reason or find_failures([path], backend=backend, device_id=device_id).get(
+        path, "decode failed")

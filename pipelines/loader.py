@@ -136,7 +136,8 @@ class _DaliLoader:
             outs = self._pipe.run()
         except RuntimeError as err:
             bad = explain_failure(err, self._tracker.batch_files(self._since_build),
-                                  root=self.source.root)
+                                  root=self.source.root, backend=self.backend,
+                                  device_id=self.device_id)
             self.close()                                  # a failed DALI pipeline is finished
             if bad is not None:
                 raise bad from err

@@ -1,16 +1,20 @@
-"""Pre-scan a data source for files DALI cannot decode.
+"""Pre-scan a data source for files the loaders cannot decode (correctly).
 
     python -m pipelines.scan ROOT [--output bad.txt] [--decode] [--workers N]
+    python -m pipelines.scan ROOT --deep [--results scan.tsv] [--output bad.txt] [--device D]
 
 ROOT: a class-folder tree, a `path label` file list, or WebDataset shards (as the loaders take).
 Prints one `path<TAB>reason` line per bad file (WebDataset: `shard.tar:member`), a summary on
 stderr, and exits 1 when it found bad files (0: clean, 2: unusable ROOT). `--output` writes the
-same lines to a file that `TrainLoader(..., exclude=FILE)` / `ValLoader` accept.
+same lines to a file that `--data.exclude` / `TrainLoader(..., exclude=FILE)` accept.
 
 The default check is structural and reads each file once (magic bytes, JPEG markers up to the
 first scan and the end-of-image marker, PNG IEND, Pillow's header parse for other formats):
 it finds empty, truncated and non-image files. `--decode` also decodes every image with Pillow
-(several times slower) to find corrupt compressed data.
+to find corrupt compressed data. `--deep` decides with the training decoder instead: every
+file is decoded by DALI on the training device in crash-isolated worker processes and its
+pixels are compared with Pillow's (see pipelines/deep_scan.py); `--results` makes it
+resumable. Class folders and file lists only.
 """
 from __future__ import annotations
 
@@ -103,12 +107,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.scan", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="class-folder root, file list, or WebDataset shards")
     parser.add_argument("--output", "-o", help="also write the bad-file list here (exclude= file)")
-    parser.add_argument("--decode", action="store_true", help="fully decode every image (slow)")
+    parser.add_argument("--decode", action="store_true", help="fully decode every image with Pillow")
+    parser.add_argument("--deep", action="store_true",
+                        help="decode every image with the training decoder and compare with Pillow")
+    parser.add_argument("--results", help="--deep: append-only results file; rerun to resume")
+    parser.add_argument("--device", default="auto", help="--deep: auto | cpu | cuda[:N] (as training)")
+    parser.add_argument("--batch", type=int, default=32, help="--deep: files per decoder batch (1-64)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="--deep: no progress line")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        unit, count, bad = scan(args.root, decode=args.decode, workers=args.workers)
+        if args.deep:
+            unit, count, bad, extra = _deep(args)
+        else:
+            unit, count, bad = scan(args.root, decode=args.decode, workers=args.workers)
+            extra = ""
     except (FileNotFoundError, ValueError) as e:
         print(f"scan: {e}", file=sys.stderr)
         return 2
@@ -120,8 +134,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write("".join(line + "\n" for line in lines))
     took = time.perf_counter() - start
     print(f"scan: {count} {unit} checked in {took:.1f} s ({count / max(took, 1e-9):.0f}/s), "
-          f"{len(bad)} bad{' -> ' + args.output if args.output else ''}", file=sys.stderr)
+          f"{len(bad)} bad{' -> ' + args.output if args.output else ''}{extra}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _deep(args) -> tuple[str, int, list[tuple[str, str]], str]:
+    from .deep_scan import deep_scan, summarize
+
+    source = resolve_source(args.root)
+    if source.kind == "webdataset":
+        raise ValueError("--deep scans class folders and file lists; unpack WebDataset shards "
+                         "or use the structural scan")
+    backend, device_id = _backend(args.device)
+    found = deep_scan(source.files, results=args.results, workers=args.workers,
+                      backend=backend, device_id=device_id, batch=args.batch,
+                      progress=not args.quiet)
+    bad = [(p, r) for p, (s, r) in found.items() if s == "bad"]
+    unverified = sum(s == "unverified" for s, _ in found.values())
+    kinds = "; ".join(f"{n} {k}" for k, n in summarize(bad).items())
+    return "files", len(found), bad, (f" ({kinds})" if kinds else "") + (
+        f"; {unverified} kept unverified (Pillow cannot read them)" if unverified else "")
+
+
+def _backend(device: str) -> tuple[str, int | None]:
+    """DALI backend and device id for a training device string, as the loaders resolve it."""
+    from .loader import resolve_device
+
+    _, backend, device_id = resolve_device(device)
+    return backend, device_id
 
 
 if __name__ == "__main__":
