@@ -79,16 +79,21 @@ def _paint(images, top, left, h, w, *, mode, layout, seeds):
     fill = 0.0
     if mode == "rand":
         fill = fn.random.normal(shape=fn.stack(c), seed=next(seeds))  # (C,) per-channel color
-    out = fn.erase(images, anchor=anchor, shape=extent, axis_names="HW", fill_value=fill)
+    # DALI's GPU erase has no float16 (its CPU erase does): gpu images are erased as float32,
+    # which the pixel mode needs for its sum anyway, so that costs one pass only in the other
+    # modes, and only on the erased samples; the cast back rounds as the CPU kernel rounds its fill.
+    widened = images.device == "gpu"
+    data = fn.cast(images, dtype=types.FLOAT) if widened else images
+    out = fn.erase(data, anchor=anchor, shape=extent, axis_names="HW", fill_value=fill)
     if mode != "pixel":
-        return out
+        return fn.cast_like(out, images) if widened else out
     patch_shape = fn.stack(c, h, w) if layout == "CHW" else fn.stack(h, w, c)
     noise = fn.random.normal(shape=patch_shape, seed=next(seeds), device=images.device)
     canvas = fn.slice(noise, start=fn.stack(-top, -left), shape=fn.stack(shape[hw_axes[0]],
                       shape[hw_axes[1]]), axes=list(hw_axes), out_of_bounds_policy="pad",
                       fill_values=0.0)  # noise inside the box, 0 elsewhere
-    # erased box is 0, so + gives exactly the noise; float32 because CPU arithmetic lacks float16
-    return fn.cast_like(fn.cast(out, dtype=types.FLOAT) + canvas, images)
+    # erased box is 0, so + gives exactly the noise; float32: DALI arithmetic lacks float16
+    return fn.cast_like((out if widened else fn.cast(out, dtype=types.FLOAT)) + canvas, images)
 
 
 class PixelEraser:

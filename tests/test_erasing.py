@@ -15,16 +15,18 @@ from dali_checks import assert_checkpoint_resumes_exactly
 H, W = 24, 40
 
 
-def run(images, augment, *, layout="CHW", batches=1, seed=0, conditionals=True):
-    @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=seed,
+def run(images, augment, *, layout="CHW", batches=1, seed=0, conditionals=True, gpu=False):
+    @pipeline_def(batch_size=len(images), num_threads=2, device_id=0 if gpu else None, seed=seed,
                   enable_conditionals=conditionals)
     def pipe():
         x = fn.external_source(source=lambda: images, batch=True, layout=layout)
-        return augment(x)
+        return augment(x.gpu() if gpu else x)
 
     p = pipe()
     p.build()
-    return [np.array(t) for _ in range(batches) for t in p.run()[0]]
+    outs = [np.array(t.as_cpu() if gpu else t) for _ in range(batches) for t in p.run()[0]]
+    p._shutdown()          # DALI's teardown, deterministic (its __del__ does the same)
+    return outs
 
 
 def erased_masks(outs, value=5.0):
@@ -195,3 +197,17 @@ def test_torch_kernels_refuse_gpu_images():
 
     with pytest.raises(ValueError, match="kernels='torch' runs on cpu images only"):
         pipe()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["pixel", "rand", "const"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_gpu_erasing_matches_the_cpu_boxes(mode, dtype):
+    """DALI's GPU erase has no float16: the gpu path erases as float32 and casts back."""
+    images = [np.full((3, H, W), 5.0, dtype)] * 16
+    erase = lambda x: random_erasing(x, prob=0.5, mode=mode, count=2, seed=3, kernels="dali")  # noqa: E731
+    gpu, cpu = run(images, erase, gpu=True), run(images, erase)
+    assert all(g.dtype == dtype and g.shape == (3, H, W) for g in gpu)
+    assert [m.tolist() for m in erased_masks(gpu)] == [m.tolist() for m in erased_masks(cpu)]
+    if mode == "const":
+        assert all(np.array_equal(g, c) for g, c in zip(gpu, cpu))
