@@ -211,7 +211,8 @@ def _augment_pipe(augment: Callable, images: list, *, gpu: bool, layout: str):
 def check_augment(device: str, batches: int = 2) -> dict[str, Any]:
     """RandAugment and erasing: the kernels of ``device`` (DALI's operators on the GPU) against
     the CPU's (Pillow / torch), same seed. Ops both compute bitwise (Invert, Posterize,
-    Solarize, SolarizeAdd, with magnitude noise and the coin) must give identical batches; const
+    Solarize, SolarizeAdd, Equalize, with magnitude noise and the coin) must give identical
+    batches; const
     erasing must erase the same boxes. Off the GPU: DALI's kernels on the CPU."""
     from .erasing import random_erasing
     from .randaugment import RandAugmentPolicy, rand_augment
@@ -219,7 +220,7 @@ def check_augment(device: str, batches: int = 2) -> dict[str, Any]:
     gpu = device == "cuda"
     policy = RandAugmentPolicy(magnitude=9.0, num_layers=3, prob=0.5, magnitude_std=2.0,
                                transforms=("Invert", "PosterizeIncreasing", "SolarizeIncreasing",
-                                           "SolarizeAdd"))
+                                           "SolarizeAdd", "Equalize"))
     rgb = _images(0, (32, 48), "HWC", np.uint8)[0] * 4
     flat = [np.full((3, 32, 48), 5.0, np.float32)] * 32
     cases = {

@@ -13,7 +13,10 @@ argument after timm's level map (as ``randaugment`` computes it, shared with the
 for ops without one). Outputs equal timm 1.0.31's ops for the same argument, with two
 deliberate differences: geometric ops always resample bilinearly (as the DALI path; timm uses
 the train interpolation), and PosterizeIncreasing at 0 bits gives a black image where Pillow 13
-raises (the DeiT crash, see shared/docs/anchors.md).
+raises (the DeiT crash).
+
+``equalize`` / ``TorchEqualize``: Pillow's Equalize as a plain torch kernel, which the DALI-kernel
+path (gpu images) runs in the graph instead of DALI's OpenCV-style ``fn.equalize``.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-__all__ = ["KERNELS", "RandAugmentLayer"]
+__all__ = ["KERNELS", "RandAugmentLayer", "equalize", "TorchEqualize"]
 
 _BILINEAR = Image.Resampling.BILINEAR
 
@@ -146,3 +149,59 @@ class RandAugmentLayer:
         for (i, *_), array in zip(jobs, results):
             tensors[i] = torch.from_numpy(array)
         return [to_dlpack(t) for t in tensors]
+
+
+# ---- Equalize for the DALI-kernel path (gpu images): Pillow's formula as a torch kernel ----
+def equalize(image):
+    """Pillow 13's ``ImageOps.equalize`` on one HWC uint8 torch tensor, on its device, bitwise.
+
+    Per channel: histogram h, step = (N - h[last non-empty bin]) // 255, lut[i] = (step // 2 +
+    h[0] + ... + h[i-1]) // step clipped to 255 (Pillow's ``point`` clips), identity when
+    step == 0 (at most one non-empty bin, or nearly so). DALI's ``fn.equalize`` follows OpenCV's
+    round(255 * (cdf - cdf_min) / (N - cdf_min)) instead (see randaugment._equalize_kernel).
+    No host synchronization (no ``bincount``, which reads its max back on CUDA)."""
+    import torch
+
+    h, w, c = image.shape
+    offsets = torch.arange(c, device=image.device) * 256                        # (C,)
+    idx = (image.reshape(-1, c).long() + offsets).reshape(-1)                   # (N*C,)
+    hist = torch.zeros(c * 256, dtype=torch.int64, device=image.device)
+    hist = hist.scatter_add_(0, idx, torch.ones_like(idx)).view(c, 256)        # (C, 256)
+    last = 255 - (hist.flip(1) > 0).to(torch.uint8).argmax(1, keepdim=True)     # (C, 1)
+    step = (hist.sum(1, keepdim=True) - hist.gather(1, last)) // 255            # (C, 1)
+    safe = step.clamp(min=1)
+    below = hist.cumsum(1) - hist                                               # (C, 256)
+    lut = ((safe // 2 + below) // safe).clamp(max=255)
+    identity = torch.arange(256, device=image.device).expand(c, 256)
+    lut = torch.where(step > 0, lut, identity).to(torch.uint8).reshape(-1)      # (C*256,)
+    return lut[idx].view(h, w, c)
+
+
+class TorchEqualize:
+    """``equalize`` as a DALI batch python function (``dl_tensor_python_function``) on cpu or
+    gpu HWC uint8 images; on the gpu the kernels run on DALI's CUDA stream (as the MaskMix
+    operator), so the graph needs no host synchronization (``synchronize_stream=False``)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __call__(self, images):
+        import contextlib
+
+        import torch
+        from torch.utils.dlpack import to_dlpack
+
+        stream = contextlib.nullcontext()
+        if self.device == "gpu":
+            from nvidia.dali.python_function_plugin import current_dali_stream
+
+            stream = torch.cuda.stream(torch.cuda.ExternalStream(current_dali_stream()))
+        with stream:
+            out = []
+            for t in images:
+                x = torch.from_dlpack(t)
+                if x.dim() != 3 or x.dtype != torch.uint8:
+                    raise ValueError(f"Equalize expects HWC uint8 images, got shape "
+                                     f"{tuple(x.shape)} {x.dtype}")
+                out.append(to_dlpack(equalize(x)))
+            return out
