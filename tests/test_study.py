@@ -288,9 +288,9 @@ def _write_run(out, arm, seed, top1, alpha=None):
     d.mkdir(parents=True)
     (d / "eval.json").write_text(json.dumps(_fake_eval(top1, 0.05, 0.6, [top1, 0.5, 0.2])))
     (d / "train_eval.json").write_text(json.dumps({"top1": 0.99 - seed / 100}))
-    cols = "epoch,train_loss,eval_loss,eval_top1,lr" + (",train_alpha_mean" if alpha else "")
-    rows = [f"{e},{1 - e / 10},{0.8 + e / 20},{top1},0.001" + (f",{alpha * e}" if alpha else "")
-            for e in range(3)]
+    cols = "epoch,train_loss,eval_loss,eval_top1,lr,train_pal_alpha_mean,train_pal_lam_attn"
+    rows = [f"{e},{1 - e / 10},{0.8 + e / 20},{top1},0.001,"
+            + (f"{alpha * e},0.5" if alpha else "nan,nan") for e in range(3)]
     (d / "summary.csv").write_text("\n".join([cols, *rows]) + "\n")
 
 
@@ -318,6 +318,7 @@ def test_aggregate_welch_tests_ci_and_curves(tmp_path):
     assert "| top1 | none | +4.40 |" in md and "95% CI (t, n-1 df)" in md
     curves = summary["mixpro"]["curves"]
     assert curves["eval_loss"]["mean"] == pytest.approx([0.8, 0.85, 0.9])
-    assert curves["train_alpha_mean"]["mean"] == pytest.approx([0.0, 0.1, 0.2])
+    assert curves["train_pal_alpha_mean"]["mean"] == pytest.approx([0.0, 0.1, 0.2])
+    assert np.isnan(summary["none"]["curves"]["train_pal_alpha_mean"]["mean"]).all()
     for png in ("curves.png", "alpha.png", "occlusion.png", "reliability.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

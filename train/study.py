@@ -84,6 +84,7 @@ class Study:
     train_per_class: int
     image_size: int = 32
     occlusion_samples: int = 400
+    monitor_per_class: int = MONITOR_PER_CLASS
     reference: str | None = None
     train_accuracy: bool = False
     description: str = ""
@@ -122,15 +123,16 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
           description="3 methods x 1 seed at 3x the budget (15 epochs)"),
     Study("overfit_pilot", arms={
         f"none-n{n}-e{e}": {"mix.method": "none", "train_per_class": n, "run.epochs": e}
-        for n, e in ((100, 60), (150, 40))}, seeds=(0,), epochs=40, train_per_class=150,
+        for n, e in ((100, 60), (100, 40), (150, 40))}, seeds=(0,), epochs=40,
+        train_per_class=150,
         description="pilot, `none` only: which subset and schedule overfit",
         train_accuracy=True, **_OVERFIT),
     Study("overfit", arms=_methods(METHODS), seeds=(0, 1, 2, 3, 4), epochs=40,
-          train_per_class=200, reference="mixpro",
+          train_per_class=100, reference="mixpro", monitor_per_class=50,
           description="pre-registered: 5 methods x 5 seeds where `none` overfits", **_OVERFIT),
     Study("overfit_cells", arms={
         f"maskmix-c{c}": {"mix.method": "maskmix", "mix.mask_patch": c} for c in (7, 14)},
-        seeds=(0, 1, 2), epochs=40, train_per_class=200,
+        seeds=(0, 1, 2), epochs=40, train_per_class=100, monitor_per_class=50,
         description="MaskMix cell-scale ablation (1x, 2x the 7-px patch)", **_OVERFIT),
 )}
 
@@ -141,13 +143,13 @@ def _log(*msg: Any) -> None:
 
 def prepare_study_data(work: Path, *, train_per_class: int, cache_dir: str | None = None,
                        raw_dir: str | None = None, tree_sizes: tuple[int, int] = (20000, 5000),
-                       image_size: int = 32, folder: str = "data", log=None
-                       ) -> dict[str, Path]:
+                       image_size: int = 32, folder: str = "data",
+                       monitor_per_class: int = MONITOR_PER_CLASS, log=None) -> dict[str, Path]:
     """{'train', 'val', 'ood'} file lists (absolute paths) over the cached Fashion-MNIST tree.
 
     train: the first `train_per_class` images of each ID class (official training split);
     val: all 500 per ID class of the tree's test-split subset; ood: the 2 x 500 held-out ones;
-    monitor: the first MONITOR_PER_CLASS of val per class, the per-epoch validation during
+    monitor: the first `monitor_per_class` of val per class, the per-epoch validation during
     training (it does not change training; the full val is evaluated afterwards)."""
     from pipelines.fashion_mnist import prepare_fashion_mnist
     from pipelines.readers import list_class_folders
@@ -169,7 +171,7 @@ def prepare_study_data(work: Path, *, train_per_class: int, cache_dir: str | Non
                 if split == "train" and taken[y] > train_per_class:
                     continue
                 lines[names[0]].append(f"{f} {y}")
-                if split == "val" and taken[y] <= MONITOR_PER_CLASS:
+                if split == "val" and taken[y] <= monitor_per_class:
                     lines["monitor"].append(f"{f} {y}")
             elif split == "val":
                 lines["ood"].append(f"{f} {y}")
@@ -351,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if n not in datas:
                     datas[n] = prepare_study_data(
                         work, train_per_class=n, cache_dir=args.cache_dir, raw_dir=args.raw_dir,
-                        image_size=st.image_size,
+                        image_size=st.image_size, monitor_per_class=st.monitor_per_class,
                         folder="data" if n == (args.train_per_class or st.train_per_class)
                         else f"data_n{n}")
                 _one_run(arm, over, seed, work, out, datas[n], epochs, args, recipe, occl,
