@@ -186,3 +186,55 @@ def _plot_epochs(summary: dict[str, Any], out: Path, plot_curves, title: str) ->
                   for k in pal_cols}
         plot_curves({k: v for k, v in panels.items() if v}, out / "alpha.png", xlabel="epoch", ylabel="per-epoch mean",
                     title=f"{title}: PAL alpha and lambdas per epoch, mean +- std over seeds")
+
+
+def _fmt(ms: dict[str, Any] | None, scale: float = 100.0, digits: int = 2) -> str:
+    if ms is None:
+        return "-"
+    std = "" if not np.isfinite(ms["std"]) else f" ± {scale * ms['std']:.{digits}f}"
+    return f"{scale * ms['mean']:.{digits}f}{std}"
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """Markdown: one row per arm, mean ± std over seeds (percent, NLL as is), then the 95% CI
+    of the top-1 mean when there are >= 2 seeds."""
+    if not summary:
+        return "no evaluated runs yet\n"
+    modes = [m for m in next(iter(summary.values()))["occlusion"]
+             if m not in ("ratios", "drop", "samples")]
+    scalars = [(k, t) for k, t in SCALARS if any(k in r for r in summary.values())]
+    head = ["method", "seeds"] + [t for _, t in scalars] + [f"occl. {m}" for m in modes]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for method, r in summary.items():
+        cells = [method, str(len(r["seeds"]))]
+        for key, _ in scalars:
+            cells.append(_fmt(r.get(key), 1.0, 3) if key == "nll" else _fmt(r.get(key)))
+        cells += [_fmt(r["occlusion"][m]["mean_occ"]) for m in modes]
+        lines.append("| " + " | ".join(cells) + " |")
+    ci = [(m, r["top1"]) for m, r in summary.items() if "ci95" in r.get("top1", {})]
+    if ci:
+        lines += ["", "| method | top-1 mean | 95% CI (t, n-1 df) |", "|---|---|---|"]
+        lines += [f"| {m} | {100 * t['mean']:.2f} | [{100 * t['ci95'][0]:.2f}, "
+                  f"{100 * t['ci95'][1]:.2f}] |" for m, t in ci]
+    return "\n".join(lines) + "\n"
+
+
+def tests_table(tests: dict[str, Any], reference: str) -> str:
+    """Markdown of welch_tests: difference (reference - other, points or nats), its 95% CI,
+    Welch's t, df, p and Holm-adjusted p."""
+    lines = ["", f"Welch tests, {reference} - other (percentage points; NLL in nats); Holm's "
+             "correction over the comparisons of each metric:", "",
+             "| metric | vs | diff | 95% CI | t | df | p | p (Holm) |", "|---" * 8 + "|"]
+    for key, fam in tests.items():
+        scale = 1.0 if key == "nll" else 100.0
+        d = 3 if key == "nll" else 2
+        for arm, r in fam.items():
+            lines.append(f"| {key} | {arm} | {scale * r['diff']:+.{d}f} | "
+                         f"[{scale * r['ci_low']:+.{d}f}, {scale * r['ci_high']:+.{d}f}] | "
+                         f"{r['t']:.2f} | {r['df']:.1f} | {_p(r['p'])} | {_p(r['p_holm'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
