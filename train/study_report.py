@@ -184,7 +184,8 @@ def _plot_epochs(summary: dict[str, Any], out: Path, plot_curves, title: str) ->
     if pal:
         panels = {k.replace("train_pal_", ""): {m: line(c, k) for m, c in pal.items() if k in c}
                   for k in pal_cols}
-        plot_curves({k: v for k, v in panels.items() if v}, out / "alpha.png", xlabel="epoch", ylabel="per-epoch mean",
+        plot_curves({k: v for k, v in panels.items() if v}, out / "alpha.png", xlabel="epoch",
+                    ylabel="per-epoch mean",
                     title=f"{title}: PAL alpha and lambdas per epoch, mean +- std over seeds")
 
 
