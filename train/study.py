@@ -113,7 +113,7 @@ def _methods(names: Sequence[str]) -> dict[str, dict[str, Any]]:
     return {m: {"mix.method": m} for m in names}
 
 
-_OVERFIT = dict(recipe="study_overfit.yaml", image_size=28, occlusion_samples=400)
+_OVERFIT = dict(recipe="study_overfit.yaml", image_size=28)
 STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("fmnist", STUDY_RECIPE, _methods(METHODS), (0, 1, 2), epochs=5,
           train_per_class=1000, reference="mixpro",
@@ -128,11 +128,12 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         description="pilot, `none` only: which subset and schedule overfit",
         train_accuracy=True, **_OVERFIT),
     Study("overfit", arms=_methods(METHODS), seeds=(0, 1, 2, 3, 4), epochs=40,
-          train_per_class=100, reference="mixpro", monitor_per_class=50,
+          train_per_class=100, reference="mixpro", monitor_per_class=50, occlusion_samples=200,
           description="pre-registered: 5 methods x 5 seeds where `none` overfits", **_OVERFIT),
     Study("overfit_cells", arms={
         f"maskmix-c{c}": {"mix.method": "maskmix", "mix.mask_patch": c} for c in (7, 14)},
         seeds=(0, 1, 2), epochs=40, train_per_class=100, monitor_per_class=50,
+        occlusion_samples=200,
         description="MaskMix cell-scale ablation (1x, 2x the 7-px patch)", **_OVERFIT),
 )}
 
