@@ -109,7 +109,8 @@ _ROWS = [
         "dali/operators/python_function/dltensor_function.cc", note="DLPack: torch sees it")),
     ("DLTensorPythonFunction", KernelRow(
         "fn.dl_tensor_python_function", _ANY, "any",
-        "dali/operators/python_function/dltensor_function.cc", note="DLPack: torch sees it")),
+        "dali/operators/python_function/dltensor_function.cc",
+        note="DLPack: torch sees it; ours (MaskMix, Equalize, erasing) keep the image's type")),
     ("_conditional__Split", KernelRow("if/else (conditional split)", _ANY, "any",
                                       "dali/operators/generic/split_merge.cc")),
     ("_conditional__Merge", KernelRow("if/else (conditional merge)", _ANY, "any",
@@ -189,8 +190,12 @@ def _tracing() -> Iterator[list]:
         for node in self._outputs:
             _, _, node.ndim, node.dtype, node.layout = spec.OutputDesc(node.index)
             rule = _REDUCTION_OUT.get(_schema(self._op))
+            if node.index == 0 and _schema(self._op) == "DLTensorPythonFunction":
+                rule = "same"       # our python kernels hand the image back in its own type
             if node.dtype is None and rule is not None and spec.NumRegularInput():
                 given = spec.InputDesc(0)[3]
+                if rule == "same" and node.layout is None:
+                    node.layout = spec.InputDesc(0)[4]
                 if rule == "same" or (rule == "float" and given == types.FLOAT):
                     node.dtype = given
                 elif rule.isupper():
