@@ -2,10 +2,14 @@
 
 Image side: `MixConfig` + `mix` (a DALI python-function operator, CPU and GPU).
 Label side: `ClsAttention` + `mix_targets` + `soft_target_cross_entropy`.
+Models: importing the package registers the class-attention variants of Swin and PVT v2 with
+timm (`ca_swin_tiny_patch4_window7_224`, `ca_pvt_v2_b1`, ...; `mixpro_dali.ca_models`).
 """
-from .attention import ClsAttention
+from .attention import FAMILIES, ClsAttention, check_mask_patch
+from .ca_models import CA_MODELS, CaPyramidVisionTransformerV2, CaSwinTransformer
 from .config import MODES, PRESETS, MixConfig
-from .labels import MixTargets, attn_lambda, mix_targets, pal_alpha, soft_target_cross_entropy
+from .labels import (MixTargets, attn_lambda, mix_targets, pal_alpha, pool_token_mask,
+                     soft_target_cross_entropy)
 from .masks import MixParams, apply_mix, area_lambda, mix_samples, sample_mix
 from .operator import MaskMixOperator, MixOutputs, mix
 
@@ -13,7 +17,8 @@ __all__ = [
     "MODES", "PRESETS", "MixConfig", "MixParams", "apply_mix", "area_lambda", "mix_samples",
     "sample_mix",
     "MaskMixOperator", "MixOutputs", "mix",
-    "ClsAttention", "MixTargets", "attn_lambda", "mix_targets", "pal_alpha",
-    "soft_target_cross_entropy",
+    "ClsAttention", "FAMILIES", "check_mask_patch", "CA_MODELS", "CaSwinTransformer",
+    "CaPyramidVisionTransformerV2", "MixTargets", "attn_lambda", "mix_targets", "pal_alpha",
+    "pool_token_mask", "soft_target_cross_entropy",
 ]
 __version__ = "0.1.0"

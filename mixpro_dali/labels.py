@@ -1,7 +1,7 @@
 """Mixed-sample targets: area/blend labels, TransMix, and Progressive Attention Labeling (PAL).
 
-method.md section 3, per sample (never a batch mean; openmixup's batch mean is a bug):
-  lam_attn = sum(A * m)                                 m: token mask, 1 = token from sample a
+Per sample (never a batch mean; openmixup's batch mean is a bug):
+  lam_attn = sum(A * m) / sum(A)                        m: token mask, 1 = token from sample a
   TransMix (CutMix samples):  lam = (lam_area + lam_attn) / 2
   PAL (MaskMix samples):
       y_area = lam_area * y_a + (1 - lam_area) * y_b    (label-smoothed one-hots)
@@ -11,6 +11,13 @@ method.md section 3, per sample (never a batch mean; openmixup's batch mean is a
 
 Worked example: a 2x2 token grid, mask [[1, 0], [0, 0]] (lam_area 0.25) and A = [0.7, 0.1,
 0.1, 0.1] give lam_attn 0.7; TransMix lam = 0.475; PAL with alpha 0.5 gives lam = 0.475 too.
+
+Hierarchical models (CA-Swin, CA-PVT v2) give A on their final-stage grid (7x7 at 224 px, 32 px
+per token) while the token mask is on the 4-px patch grid (56x56): m is then the mean of the
+mask over each final-stage token's 8x8 patches. MaskMix cells that are multiples of 32 px keep
+that 0 or 1 (each final-stage token from one image, as the paper's "each patch from one image"
+needs); `ClsAttention.check_mask_patch` rejects other cell sizes. A CutMix box gives the exact
+area share per final-stage token.
 
 Label smoothing follows timm: off value s/C, on value 1 - s + s/C.
 """
@@ -25,7 +32,7 @@ from .config import MODES
 
 __all__ = [
     "TARGET_METHODS", "TARGET_PRESETS", "MixTargets", "smooth_one_hot", "attn_lambda", "pal_alpha",
-    "mix_targets", "soft_target_cross_entropy",
+    "grid_factor", "pool_token_mask", "mix_targets", "soft_target_cross_entropy",
 ]
 
 TARGET_METHODS = ("mixpro", "transmix", "area")
@@ -55,10 +62,52 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
     return out.scatter_(1, labels.long().unsqueeze(1), 1.0 - smoothing + off)
 
 
+def grid_factor(token_grid: tuple[int, int], n_attn: int) -> int:
+    """k such that the (h, w) token grid is k x k tokens per entry of an attention grid of
+    n_attn = (h/k) * (w/k) entries (1: same grid; 8: CA-Swin-T's 7x7 over 56x56 tokens)."""
+    h, w = token_grid
+    for k in range(1, min(h, w) + 1):
+        if h % k == 0 and w % k == 0 and (h // k) * (w // k) == n_attn:
+            return k
+    raise ValueError(f"attn has {n_attn} tokens per sample, which is neither the token mask's "
+                     f"{h}x{w} grid nor a coarser grid that tiles it (k x k tokens per entry); "
+                     "pass ClsAttention(model).maps of the model that saw the batch")
+
+
+def pool_token_mask(token_mask: torch.Tensor, n_attn: int) -> torch.Tensor:
+    """Token mask -> the share of each attention-grid token taken from sample a, (B, n_attn).
+
+    token_mask: (B, h, w), or (B, h*w) when attn is on the same grid. On a grid k times coarser
+    (the final stage of CA-Swin / CA-PVT) each entry is the mean over its k x k tokens: exactly 0
+    or 1 for MaskMix cells that are multiples of the final-stage stride, the exact area share
+    per final-stage token for CutMix boxes.
+    """
+    B = token_mask.shape[0]
+    m = token_mask.to(torch.float32)
+    if m[0].numel() == n_attn:
+        return m.reshape(B, n_attn)
+    if m.ndim != 3:
+        raise ValueError(f"token_mask {tuple(token_mask.shape)} must be (B, h, w) when attn is "
+                         f"on a coarser grid ({n_attn} tokens)")
+    h, w = m.shape[1:]
+    k = grid_factor((h, w), n_attn)
+    return m.reshape(B, h // k, k, w // k, k).mean(dim=(2, 4)).reshape(B, n_attn)  # (B, n)
+
+
 def attn_lambda(attn: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """lam_attn = sum over tokens of A * m: (B, h*w) x (B, h, w) or (B, h*w) -> (B,) float32."""
-    m = token_mask.reshape(token_mask.shape[0], -1).to(torch.float32)  # (B, h*w)
-    return (attn.float() * m).sum(dim=1).clamp(0.0, 1.0)
+    """lam_attn = w_a / (w_a + w_b), w_a = sum(A * m), w_b = sum(A * (1 - m)): (B,) float32.
+
+    attn: (B, n) on the token grid or on a coarser grid that tiles it; token_mask (B, h, w) or
+    (B, h*w), 1 = token from sample a (pooled onto attn's grid, `pool_token_mask`). Normalizing
+    by w_a + w_b is the official formula (TransMix, fistyee/MixPro): with `ClsAttention.maps`
+    (rows sum to 1) it is sum(A * m); raw attention rows that keep prefix tokens sum to less
+    than 1, and the plain sum would be biased low.
+    """
+    a = attn.float()  # (B, n)
+    m = pool_token_mask(token_mask, a.shape[1])  # (B, n)
+    w_a = (a * m).sum(dim=1)
+    total = a.sum(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # w_a + w_b
+    return (w_a / total).clamp(0.0, 1.0)
 
 
 def pal_alpha(logits: torch.Tensor, y_area: torch.Tensor) -> torch.Tensor:
@@ -105,9 +154,16 @@ def _check_inputs(logits, labels_a, labels_b, lam, mode, token_mask, attn, num_c
         raise ValueError(f"token_mask must be (B, h, w) or (B, h*w) with B={B}, "
                          f"got {tuple(token_mask.shape)}")
     n_tokens = token_mask[0].numel()
-    if tuple(attn.shape) != (B, n_tokens):
+    coarser = False
+    if attn.ndim == 2 and attn.shape[0] == B and attn.shape[1] != n_tokens and token_mask.ndim == 3:
+        try:  # a coarser grid that tiles the mask's (CA-Swin / CA-PVT final stage)
+            coarser = bool(grid_factor(tuple(token_mask.shape[1:]), attn.shape[1]))
+        except ValueError:
+            pass
+    if not coarser and tuple(attn.shape) != (B, n_tokens):
         raise ValueError(f"attn must be (B, h*w) = ({B}, {n_tokens}) to match token_mask "
-                         f"{tuple(token_mask.shape)}, got {tuple(attn.shape)}")
+                         f"{tuple(token_mask.shape)}, or (B, n) on a coarser grid that tiles it "
+                         f"(k x k tokens per entry), got {tuple(attn.shape)}")
 
 
 def mix_targets(
@@ -124,12 +180,13 @@ def mix_targets(
     method: str = "mixpro",
     preset: str = "paper",
 ) -> MixTargets:
-    """Soft targets for a mixed batch, per sample (method.md section 3).
+    """Soft targets for a mixed batch, per sample (PAL on MaskMix rows, TransMix on CutMix rows).
 
     logits: (B, C) model output of the mixed batch (only read by PAL).
     labels_a, labels_b: (B,) int; lam: (B,) exact area share / blend weight of labels_a (1 for
     unmixed); mode: (B,) int, MODES codes; token_mask: (B, h, w) or (B, h*w), 1 = from a;
-    attn: (B, h*w) `ClsAttention.maps` (None allowed with method='area').
+    attn: (B, n) `ClsAttention.maps` (None allowed with method='area'), n = h*w, or the
+    final-stage grid of CA-Swin / CA-PVT (then token_mask must be (B, h, w) and is pooled).
 
     method: 'mixpro' (PAL on MaskMix samples), 'transmix' (on CutMix samples), 'area' (area /
         blend labels everywhere). Other samples always get area / blend labels.

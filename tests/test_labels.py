@@ -1,4 +1,4 @@
-"""mix_targets against hand-written per-sample formulas (method.md section 3), method x preset."""
+"""mix_targets against hand-written per-sample formulas (PAL, TransMix, area), method x preset."""
 import math
 
 import pytest
@@ -214,7 +214,12 @@ def test_errors_name_the_argument():
         (ValueError, r"token_mask must be \(B, h, w\) or \(B, h\*w\) with B=12, got \(12,\)",
          dict(token_mask=b["token_mask"][:, 0, 0])),
         (ValueError, r"attn must be \(B, h\*w\) = \(12, 15\) to match token_mask \(12, 3, 5\), "
-                     r"got \(12, 16\)", dict(attn=torch.zeros(12, 16))),
+                     r"or \(B, n\) on a coarser grid that tiles it.*got \(12, 16\)",
+         dict(attn=torch.zeros(12, 16))),
+        (ValueError, r"attn must be \(B, h\*w\) = \(12, 15\).*got \(12, 5\)",  # 3x5 / 5
+         dict(attn=torch.full((12, 5), 0.2))),
+        (ValueError, r"attn must be \(B, h\*w\) = \(12, 15\).*got \(12, 1, 15\)",
+         dict(attn=torch.zeros(12, 1, 15))),
     ]
     for exc, msg, change in bad:
         with pytest.raises(exc, match=msg):
@@ -224,3 +229,116 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"logits and target must have the same shape \(B, C\), "
                                          r"got \(12, 7\) and \(12, 8\)"):
         soft_target_cross_entropy(b["logits"], torch.zeros(12, 8))
+
+
+# --- lam_attn normalization (official formula: w_a / (w_a + w_b)) ------------------------------
+def raw_rows(B, n, prefix, seed):
+    """Raw class-token attention over patches only: a softmax over [prefix tokens, patches] with
+    the prefix entries dropped, so rows sum to 0.92-1.00 (not renormalized)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = 2 * torch.randn(B, prefix + n, generator=g)
+    scores[:, :prefix] -= torch.linspace(0.0, 4.0, B).unsqueeze(1)  # prefix share varies
+    rows = scores.softmax(dim=1)[:, prefix:]
+    target_sum = torch.linspace(0.92, 1.0, B).unsqueeze(1)
+    return rows / rows.sum(dim=1, keepdim=True) * target_sum
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_attn_lambda_normalizes_by_both_images_tokens(seed):
+    B, n = 9, H * W
+    attn = raw_rows(B, n, prefix=1, seed=seed)
+    sums = attn.sum(dim=1)
+    assert sums.min() >= 0.92 - 1e-6 and sums.max() <= 1.0 + 1e-6 and sums.min() < 0.93
+    g = torch.Generator().manual_seed(100 + seed)
+    mask = (torch.rand(B, H, W, generator=g) < 0.5).to(torch.uint8)
+    got = attn_lambda(attn, mask)
+    for i in range(B):  # TransMix / fistyee/MixPro, written out
+        a, m = attn[i].tolist(), mask[i].flatten().tolist()
+        w_a = sum(x * k for x, k in zip(a, m))
+        w_b = sum(x * (1 - k) for x, k in zip(a, m))
+        assert got[i].item() == pytest.approx(w_a / (w_a + w_b), abs=1e-6)
+    plain = (attn * mask.flatten(1)).sum(dim=1)  # what assuming "rows sum to 1" gives
+    assert (plain < got - 1e-4).sum() >= B - 2  # biased low wherever the mask keeps something
+
+
+def test_attn_lambda_unchanged_for_cls_attention_maps():
+    b = make_batch(5)  # attn rows sum to 1, as ClsAttention.maps
+    expected = (b["attn"] * b["token_mask"].flatten(1).float()).sum(dim=1)
+    torch.testing.assert_close(attn_lambda(b["attn"], b["token_mask"]), expected,
+                               atol=1e-6, rtol=0)
+
+
+# --- attention on a coarser (final-stage) grid: CA-Swin / CA-PVT ---------------------------------
+def coarse_reference_lam_attn(attn, mask, k):
+    """Slow: for each final-stage token, the share of its k x k patches taken from sample a."""
+    B, h, w = mask.shape
+    out = []
+    for i in range(B):
+        w_a = total = 0.0
+        for r in range(h // k):
+            for c in range(w // k):
+                share = mask[i, r * k:(r + 1) * k, c * k:(c + 1) * k].float().mean().item()
+                a = attn[i, r * (w // k) + c].item()
+                w_a, total = w_a + a * share, total + a
+        out.append(w_a / total)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("k,grid", [(8, (7, 7)), (4, (3, 5)), (2, (2, 2))])
+def test_mask_is_pooled_onto_a_coarser_attention_grid(k, grid):
+    from mixpro_dali.labels import pool_token_mask
+    gh, gw = grid
+    b = make_batch(11)
+    B = b["mode"].shape[0]
+    g = torch.Generator().manual_seed(k)
+    mask = (torch.rand(B, gh * k, gw * k, generator=g) < 0.4).to(torch.uint8)
+    mask[b["mode"] == 0] = 1
+    attn = (2 * torch.randn(B, gh * gw, generator=g)).softmax(1)
+    ref = coarse_reference_lam_attn(attn, mask, k)
+    torch.testing.assert_close(attn_lambda(attn, mask), ref, atol=1e-6, rtol=0)
+    pooled = pool_token_mask(mask, gh * gw)
+    assert pooled.shape == (B, gh * gw)
+    torch.testing.assert_close(pooled.mean(dim=1), mask.flatten(1).float().mean(dim=1))
+    lam = mask.flatten(1).float().mean(1)
+    lam[b["mode"] == 1] = b["lam"][b["mode"] == 1]
+    out = mix_targets(b["logits"], b["labels_a"], b["labels_b"], lam, b["mode"], mask, attn,
+                      num_classes=C, method="transmix")
+    cut = b["mode"] == 2
+    torch.testing.assert_close(out.lam[cut], (lam[cut] + ref[cut]) / 2, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"must be \(B, h, w\) when attn is on a coarser grid"):
+        pool_token_mask(mask.flatten(1), gh * gw)
+
+
+@pytest.mark.parametrize("image_size", [224, 160, (96, 128), 256])
+@pytest.mark.parametrize("mask_patch", [32, 64, 96])
+def test_every_final_stage_token_comes_from_one_image(image_size, mask_patch):
+    """Patch 4, final stride 32 (CA-Swin / CA-PVT): cells that are multiples of 32 px keep every
+    final-stage token whole, edge cells included (224 px with 64 or 96 px cells)."""
+    from mixpro_dali import MixConfig, sample_mix
+    from mixpro_dali.labels import pool_token_mask
+    cfg = MixConfig(image_size=image_size, patch_size=4, mask_patch=mask_patch,
+                    probs={"maskmix": 1.0}, seed=mask_patch)
+    h, w = cfg.token_grid
+    n = (h // 8) * (w // 8)
+    for batch_index in range(20):
+        p = sample_mix(cfg, 6, batch_index)
+        pooled = pool_token_mask(p.token_mask, n)  # (B, n)
+        assert ((pooled == 0) | (pooled == 1)).all()
+        torch.testing.assert_close(pooled.mean(dim=1), p.lam)
+
+
+def test_other_cell_sizes_split_final_stage_tokens_and_are_refused():
+    from mixpro_dali import MixConfig, sample_mix
+    from mixpro_dali.attention import check_mask_patch
+    from mixpro_dali.labels import pool_token_mask
+    for mask_patch in (16, 48, 80):
+        cfg = MixConfig(image_size=224, patch_size=4, mask_patch=mask_patch,
+                        probs={"maskmix": 1.0}, seed=1)
+        split = [((0 < q) & (q < 1)).any().item() for q in
+                 (pool_token_mask(sample_mix(cfg, 4, i).token_mask, 49) for i in range(10))]
+        assert any(split)  # why the rule exists: some final-stage token mixes both images
+        with pytest.raises(ValueError, match=rf"mask_patch={mask_patch} px is not a multiple of "
+                                             r"the final-stage stride \(32 px\) of CaSwin.*use "
+                                             r"mask_patch \d+ or \d+"):
+            check_mask_patch(mask_patch, 32, "CaSwin")
+    check_mask_patch(64, 32)
