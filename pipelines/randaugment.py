@@ -318,12 +318,9 @@ def _equalize_kernel(data, _):
     from .ra_kernels import TorchEqualize
 
     gpu = data.device == "gpu"
-    out = fn.dl_tensor_python_function(
+    return fn.dl_tensor_python_function(
         data, function=TorchEqualize(data.device), batch_processing=True, num_outputs=1,
         device=data.device, synchronize_stream=not gpu, output_layouts="HWC")
-    # DALI infers no dtype for python functions; the cast (uint8 -> uint8) states it for the
-    # graph's type checks (pipelines.gpu_kernels) at the cost of one copy of the few samples
-    return fn.cast(out, dtype=types.UINT8)
 
 
 def _gaussian_blur(data, radius, **_):
