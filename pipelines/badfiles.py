@@ -172,6 +172,7 @@ class SampleTracker:
 
     def __init__(self, keep: int = 16) -> None:
         self.keep = keep
+        self.watch = None              # a crash_watch.CrashWatch told of every batch
         self.calls = 0
         self.history: OrderedDict[int, tuple[str, ...]] = OrderedDict()
 
@@ -182,6 +183,8 @@ class SampleTracker:
         names = tuple(bytes(torch.from_dlpack(s).numpy()).decode("utf-8", "replace")
                       for s in source_info)
         self.history[self.calls] = names
+        if self.watch is not None:
+            self.watch.note(names)
         self.calls += 1
         while len(self.history) > self.keep:
             self.history.popitem(last=False)

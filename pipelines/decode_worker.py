@@ -88,11 +88,15 @@ def serve(backend: str, device_id: int | None) -> None:
     from .badfiles import read_source
 
     decoder = _Decoder(backend, device_id)
+    crash_on = os.environ.get("PIPELINES_TEST_CRASH_ON")   # tests: SIGSEGV on such a path
     out = sys.stdout
     sys.stdout = sys.stderr                      # DALI/Pillow chatter must not break the protocol
     for line in sys.stdin:
         req = json.loads(line)
         paths, check = req["paths"], req.get("check", False)
+        if crash_on and any(crash_on in p for p in paths):
+            import signal
+            os.kill(os.getpid(), signal.SIGSEGV)
         blobs = []
         for p in paths:
             try:

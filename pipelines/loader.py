@@ -120,6 +120,13 @@ class _DaliLoader:
         self._since_build = 0          # ... since this pipeline object was built
         self._generation = 0
 
+    def _watch_crashes(self) -> None:
+        """Tell a watcher process the files of every batch, so that a crash of the decoder
+        that takes this process down is still pinned to its file (pipelines/crash_watch.py)."""
+        from .crash_watch import watch
+
+        self._tracker.watch = watch(self.backend, self.device_id, self.source.root)
+
     def _sizes(self, pipe: Any) -> None:
         """Sample counts from the built reader (WebDataset sizes are known only then)."""
         self.num_samples = int(pipe.reader_meta(READER_NAME)["epoch_size"])
@@ -232,6 +239,7 @@ class TrainLoader(_DaliLoader):
             backend=self.backend, device_id=self.device_id, shard_id=self.shard_id,
             num_shards=self.num_shards, num_threads=self.num_threads, seed=self.seed,
             mix_start=self._runs, checkpoint=checkpoint)
+        self._watch_crashes()
         self._since_build = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -303,6 +311,7 @@ class ValLoader(_DaliLoader):
             interpolation=interpolation, mean=tuple(mean), std=tuple(std), dtype=dtype,
             backend=self.backend, device_id=self.device_id, shard_id=shard_id,
             num_shards=num_shards, num_threads=num_threads, hw_decoder_load=hw_decoder_load)
+        self._watch_crashes()
         self._sizes(self._pipe)
         self.num_shard_samples = shard_size(self.num_samples, shard_id, num_shards)
         self._len = -(-self.num_shard_samples // batch_size)
