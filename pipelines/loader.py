@@ -27,7 +27,7 @@ from .readers import READER_NAME, epoch_runs, resolve_source, shard_size
 from .train_pipeline import TRAIN_OUTPUTS, TrainOptions, build_train_pipeline, no_mix_config
 from .val_pipeline import VAL_OUTPUTS, build_val_pipeline
 
-__all__ = ["TrainLoader", "ValLoader", "resolve_device"]
+__all__ = ["TrainLoader", "ValLoader", "resolve_device", "image_dtype"]
 
 STATE_VERSION = 1
 
@@ -48,6 +48,18 @@ def resolve_device(device: str | torch.device = "auto") -> tuple[torch.device, s
         index = torch.cuda.current_device() if dev.index is None else dev.index
         return torch.device("cuda", index), "gpu", index
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+AMP_IMAGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "none": "float32"}
+
+
+def image_dtype(amp: str, device: str | torch.device) -> str:
+    """The loaders' image dtype for a run's mixed precision `amp` ('bf16' | 'fp16' | 'none') on
+    `device`: on a GPU the autocast dtype (half the bytes of float32; autocast casts the first
+    layer's input to it anyway), on the CPU float32 (there autocast is off)."""
+    if amp not in AMP_IMAGE_DTYPES:
+        raise ValueError(f"amp must be one of {tuple(AMP_IMAGE_DTYPES)}, got {amp!r}")
+    return AMP_IMAGE_DTYPES[amp] if torch.device(device).type == "cuda" else "float32"
 
 
 def _as_hw(size: int | Sequence[int], name: str = "image_size") -> tuple[int, int]:
@@ -140,7 +152,7 @@ class _DaliLoader:
         if self._pipe is None:
             raise RuntimeError("this loader was closed")
         try:
-            outs = self._pipe.run()
+            outs = self._pipe.run(self._stream())
         except RuntimeError as err:
             bad = explain_failure(err, self._tracker.batch_files(self._since_build),
                                   root=self.source.root, backend=self.backend,
@@ -158,6 +170,11 @@ class _DaliLoader:
         out = {"image": self._buffers.copy(image, self._image_dtype or image.dtype)}
         out.update((k, v.clone()) for k, v in batch.items())    # small: labels, masks
         return out
+
+    def _stream(self) -> torch.cuda.Stream | None:
+        """On the GPU, torch's current stream: DALI binds the outputs to it (an event the stream
+        waits on) instead of waiting on the host for each batch. None on the CPU."""
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _skip(self) -> None:
         self._run(keep=False)

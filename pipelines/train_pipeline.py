@@ -11,8 +11,8 @@ flipped inside the pass of its first applied RandAugment op (a Pillow transpose 
 and a sample no op touches inside the normalize pass (a flip commutes with doing nothing).
 
 Normalized images travel through erasing and mixing as `pipeline_dtype(backend, dtype)` (the
-loader casts to the output dtype): float16 on the GPU (half the bytes; half precision resolves
-1/8 of an 8-bit level over the normalized range); on the CPU the output's own precision
+loader casts to the output dtype, on the GPU the run's AMP dtype): float16 on the GPU (half the
+bytes; half precision resolves 1/8 of an 8-bit level over the normalized range); on the CPU the output's own precision
 (float16 if asked for, else float32), because DALI's CPU normalize writes float16 through a
 software conversion at ~3x the cost of float32 (0.32 vs 0.11 ms per 224 px image), more than
 the float16 saving in erasing and mixing, and a float32 output then needs no cast.

@@ -9,9 +9,16 @@ from .badfiles import SampleTracker
 from .decode import decode, guard, normalize, resize_shorter, resize_train
 from .readers import Source, read
 
-__all__ = ["VAL_OUTPUTS", "build_val_pipeline", "resize_size"]
+__all__ = ["VAL_OUTPUTS", "build_val_pipeline", "resize_size", "normalize_dtype"]
 
 VAL_OUTPUTS = ("image", "label", "_checked")
+
+
+def normalize_dtype(backend: str, dtype: str) -> str:
+    """What the normalize pass writes for output `dtype` (the loader casts): half outputs on the
+    GPU (float16, bfloat16 under AMP) are written as float16, half the bytes of float32 (DALI
+    has no bfloat16); otherwise `dtype` itself (bfloat16 -> float32 in `normalize`)."""
+    return "float16" if backend == "gpu" and dtype in ("float16", "bfloat16") else dtype
 
 
 def resize_size(image_size: tuple[int, int], crop_pct: float) -> tuple[int, int]:
@@ -46,7 +53,8 @@ def build_val_pipeline(source: Source, *, batch_size: int, image_size: tuple[int
         else:
             images = resize_train(images, scaled, interpolation, backend=backend,
                                   threads=num_threads)
-        images = normalize(images, mean=mean, std=std, dtype=dtype, crop=image_size)
+        images = normalize(images, mean=mean, std=std, dtype=normalize_dtype(backend, dtype),
+                           crop=image_size)
         if backend == "gpu":
             labels = labels.gpu()
         return images, labels, checked

@@ -8,7 +8,8 @@ import torch
 import jpeg_factory as jf
 from mixpro_dali import MixConfig
 from pipelines.badfiles import BadImageError
-from pipelines.loader import TrainLoader, ValLoader, resolve_device
+from pipelines.loader import TrainLoader, ValLoader, image_dtype, resolve_device
+from pipelines.val_pipeline import normalize_dtype
 from pipelines.scan import main as scan_main
 
 PLAIN = dict(auto_augment=None, re_prob=0.0, device="cpu", image_size=32)
@@ -171,3 +172,40 @@ def test_close_stops_the_pipeline(indexed):
         next(iter(loader))
     with pytest.raises(RuntimeError, match="this loader was closed"):
         next(iter(loader))
+
+
+def test_image_dtype_follows_amp_on_the_gpu_only():
+    assert [image_dtype(a, "cuda") for a in ("bf16", "fp16", "none")] == [
+        "bfloat16", "float16", "float32"]
+    assert {image_dtype(a, torch.device("cpu")) for a in ("bf16", "fp16", "none")} == {"float32"}
+    with pytest.raises(ValueError, match=r"amp must be one of \('bf16', 'fp16', 'none'\), got 'fp8'"):
+        image_dtype("fp8", "cuda")
+    # the GPU's normalize writes half outputs as float16; the CPU's as asked (bf16: float32)
+    assert [normalize_dtype("gpu", d) for d in ("float32", "float16", "bfloat16")] == [
+        "float32", "float16", "float16"]
+    assert [normalize_dtype("cpu", d) for d in ("float32", "float16", "bfloat16")] == [
+        "float32", "float16", "bfloat16"]
+
+
+def test_cpu_loaders_run_without_a_stream_and_give_the_asked_dtype(indexed):
+    with TrainLoader(indexed.list, batch_size=4, dtype="bfloat16", **PLAIN) as train, \
+            ValLoader(indexed.list, batch_size=4, image_size=32, device="cpu",
+                      dtype="bfloat16") as val:
+        assert train._stream() is None and val._stream() is None
+        t, v = next(iter(train)), next(iter(val))
+    assert t["image"].dtype == v["image"].dtype == torch.bfloat16
+    with ValLoader(indexed.list, batch_size=4, image_size=32, device="cpu") as val32:
+        ref = next(iter(val32))["image"]
+    assert torch.equal(v["image"], ref.to(torch.bfloat16))     # one rounding of the float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_loaders_give_the_amp_dtype_on_the_device(indexed, dtype):
+    kw = dict(batch_size=4, image_size=32, device="cuda", dtype=dtype)
+    with TrainLoader(indexed.list, auto_augment=None, re_prob=0.0, mix=MIX, **kw) as train, \
+            ValLoader(indexed.list, **kw) as val:
+        for batch in (next(iter(train)), next(iter(val))):
+            img = batch["image"]
+            assert img.dtype == getattr(torch, dtype) and img.device.type == "cuda"
+            assert torch.isfinite(img.float()).all() and img.float().abs().max() < 10

@@ -169,3 +169,44 @@ def test_short_loader_is_an_error():
     eng = engine(tiny_vit())
     with pytest.raises(RuntimeError, match=r"yielded 1 batches in epoch 0, len\(\) promised 2"):
         eng.train_epoch(iter(batches(1)), 2, TrainState())
+
+
+def val_batches(n, b, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    return [{"image": torch.randn(b, 3, 16, 16, generator=g).to(device),
+             "label": torch.randint(0, 5, (b,), generator=g).to(device)} for _ in range(n)]
+
+
+def test_evaluate_equals_one_pass_over_all_samples():
+    model = tiny_vit()
+    data = val_batches(3, 4) + val_batches(1, 3)          # a short last batch, as the loader
+    res = engine(model).evaluate(model, data)
+    with torch.no_grad():
+        logits = model.eval()(torch.cat([d["image"] for d in data]))
+    labels = torch.cat([d["label"] for d in data])
+    top5 = logits.topk(5, dim=1).indices
+    assert res["count"] == 15
+    assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(),
+                                        rel=1e-5)
+    assert res["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+    assert res["top5"] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluate_on_cuda_syncs_once_not_per_batch():
+    import warnings
+
+    dev = torch.device("cuda")
+    model = tiny_vit().to(dev)
+    eng = Engine(model, model, sgd(model), None, None, None, dist=DistInfo(0, 1, 0, dev))
+    data = val_batches(6, 8, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eng.evaluate(model, data)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2, [str(w.message) for w in syncs]    # the final .tolist(), not 6

@@ -277,19 +277,21 @@ class Engine:
         """Top-1 / top-5 / CE loss over the whole validation set (each sample once, all ranks)."""
         was_training = model.training
         model.eval()
-        acc = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
-        for batch in loader:
-            images, labels = batch["image"], batch["label"].long()
+        acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, top1, top5
+        count = 0              # on the host: a per-batch host-to-device copy would sync
+        for batch in loader:   # the loader's tensors are on the device (a no-op .to) or pinned
+            images = batch["image"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True).long()
             with self.autocast():
                 logits = model(images)
             logits = logits.float()
             c1, c5 = topk_correct(logits, labels)
             acc += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                                c1.double(), c5.double(),
-                                torch.tensor(float(labels.numel()), device=self.device,
-                                             dtype=torch.float64)])
+                                c1.double(), c5.double()])
+            count += labels.numel()
         model.train(was_training)
-        loss, c1, c5, n = all_reduce_sum(acc).tolist()
+        total = torch.cat([acc, torch.tensor([float(count)], dtype=torch.float64).to(self.device)])
+        loss, c1, c5, n = all_reduce_sum(total).tolist()
         n = max(n, 1.0)
         return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n,
                 "count": int(n)}

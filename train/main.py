@@ -96,10 +96,10 @@ def resolve_data(cfg: TrainConfig, dist: DistInfo) -> tuple[str, str]:
 
 
 def build_loaders(cfg: TrainConfig, dist: DistInfo, mix_cfg, train_src: str, val_src: str):
-    from pipelines.loader import TrainLoader, ValLoader
+    from pipelines.loader import TrainLoader, ValLoader, image_dtype
     d = cfg.data
     dev = dist.device.type
-    dtype = "float16" if dev == "cuda" and cfg.run.amp == "fp16" else "float32"
+    dtype = image_dtype(cfg.run.amp, dev)          # bf16/fp16 images under AMP on the GPU
     common = dict(image_size=d.image_size, device=dev, shard_id=dist.rank,
                   num_shards=dist.world_size, num_threads=d.num_threads, mean=tuple(d.mean),
                   std=tuple(d.std), dtype=dtype, exclude=d.exclude)
