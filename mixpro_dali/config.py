@@ -1,6 +1,6 @@
 """MixConfig: what the MaskMix operator draws per batch, validated at construction.
 
-Presets follow ../shared/docs/method.md section 4:
+Presets (docs/method.md section 8 has the full table and the training methods built on them):
   mixpro           paper: MaskMix(+PAL) 0.5 / Mixup 0.5 (Table 6 best row), floor, flip
   mixpro-official  fistyee/MixPro: MaskMix 0.5 / Mixup 0.25 / CutMix 0.25, ceil; partner perm on
                    MaskMix batches, flip on Mixup/CutMix (those go through timm's Mixup there)

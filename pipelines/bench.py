@@ -126,8 +126,9 @@ def bench_dali(data: Path, *, preset: str, batch: int, threads: int, size: int, 
 
 
 class _RetryPosterize:
-    """timm's rand-m9-mstd0.5-inc1 raises ValueError in Pillow >= 10 posterize (about 1 image in
-    2,000, see shared/docs/anchors.md); redraw the augmentation instead of crashing the bench."""
+    """timm's rand-m9-mstd0.5-inc1 raises ValueError in Pillow >= 10 posterize (0 bits; about 1
+    image in 2,000 on the development machine with Pillow 13, see docs/method.md section 10);
+    redraw the augmentation instead of crashing the bench."""
 
     def __init__(self, transform):
         self.transform = transform

@@ -27,7 +27,8 @@ def test_default_is_the_demo():
     assert cfg.model.num_classes == 10 and cfg.mix.method == "mixpro"
 
 
-def test_recipe_of_method_md_section_5():
+def test_mixpro_deit_tiny_is_the_documented_recipe():
+    """train/configs/mixpro_deit_tiny.yaml holds the recipe of docs/method.md section 9."""
     cfg, _, _ = resolve(["--config", "mixpro_deit_tiny", *DATA])
     o = cfg.optim
     assert (o.opt, o.lr, o.lr_base_batch, o.weight_decay, o.eps) == ("adamw", 1e-3, 1024, 0.05,

@@ -2,7 +2,7 @@
 
 - AdamW through `timm.optim.create_optimizer_v2`: its parameter groups put 1-D parameters
   (norms, biases) and the model's `no_weight_decay()` set (pos_embed, cls_token, dist_token)
-  in a group without weight decay (method.md section 5).
+  in a group without weight decay (the recipe: docs/method.md section 9).
 - Cosine with linear warm-up, stepped per optimizer update (`step_update`), through
   `timm.scheduler.create_scheduler_v2(step_on_epochs=False)`.
 """
