@@ -259,6 +259,19 @@ class ClsAttention:
         if self.stride is not None:
             check_mask_patch(mask_patch, self.stride, self.model_name)
 
+    def check_mix_config(self, config: Any) -> None:
+        """A MixConfig's geometry against A's grid: the image a whole number of A's tokens, and
+        (when it draws MaskMix) cells that are multiples of the stride. ValueError otherwise."""
+        if self.stride is None:
+            return
+        h, w = config.image_size
+        if h % self.stride or w % self.stride:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the final-stage stride "
+                             f"({self.stride} px) of {self.model_name}, so its class-attention "
+                             f"grid does not tile the token mask; use a multiple of {self.stride}")
+        if config.probs.get("maskmix", 0.0) > 0:
+            self.check_mask_patch(config.mask_patch)
+
     @property
     def attached(self) -> bool:
         return bool(self._hooks)

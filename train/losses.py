@@ -34,15 +34,23 @@ def mix_config_for(method: str, preset: str, *, image_size: int, patch_size: int
 
 class MixLoss:
     """loss(logits, batch) -> (scalar loss, MixTargets). Holds the ClsAttention hooks when the
-    labels need the class attention of the forward that produced `logits`."""
+    labels need the class attention of the forward that produced `logits`. Given the loader's
+    `mix_config`, its geometry is checked against the attention grid up front (CA-Swin /
+    CA-PVT: MaskMix cells must be multiples of the final-stage stride)."""
 
     def __init__(self, model: nn.Module, *, method: str, preset: str, num_classes: int,
-                 smoothing: float) -> None:
+                 smoothing: float, mix_config: MixConfig | None = None) -> None:
         self.label_method = LABEL_METHOD[method]
         self.preset = preset
         self.num_classes = num_classes
         self.smoothing = smoothing
         self.attention = ClsAttention(model) if self.label_method != "area" else None
+        if self.attention is not None and mix_config is not None:
+            try:
+                self.attention.check_mix_config(mix_config)
+            except ValueError:
+                self.attention.remove()
+                raise
 
     def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]):
         attn = self.attention.maps if self.attention is not None else None  # (B, h*w)

@@ -52,7 +52,8 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, int]:
             raise ValueError(f"mix.method={cfg.mix.method!r} needs a patch-based model (a "
                              f"token grid); {m.name} has no patch_embed")
         return model, cfg.data.image_size
-    patch = pe.patch_size
+    info = getattr(model, "feature_info", None)  # the token stride (PVT v2: 4, its kernel is 7)
+    patch = info[0]["reduction"] if info else pe.patch_size
     patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
     img = getattr(pe, "img_size", None)
     if img is not None and not getattr(pe, "dynamic_img_size", False):
@@ -216,7 +217,8 @@ def _build(cfg: TrainConfig, dist: DistInfo) -> tuple[Engine, Any, Any]:
                              patch_size=patch, mask_patch=cfg.mix.mask_patch, seed=cfg.run.seed,
                              options=cfg.mix.options)
     loss_fn = MixLoss(model, method=cfg.mix.method, preset=cfg.mix.preset,  # hooks before
-                      num_classes=cfg.model.num_classes, smoothing=cfg.mix.smoothing)  # compile
+                      num_classes=cfg.model.num_classes, smoothing=cfg.mix.smoothing,  # compile
+                      mix_config=mix_cfg)
     train_model: nn.Module = model
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
