@@ -6,7 +6,9 @@ CPU data. On the GPU the kernel is enqueued on DALI's own CUDA stream (wrapped a
 ExternalStream) with `synchronize_stream=False`, so no host synchronization is needed and
 torch's caching allocator orders reuse of the returned buffers on that same stream.
 
-The only DALI import of the library lives here, so the math stays testable without DALI.
+This is the only module of the library's data path that imports DALI (lazily, inside the
+functions), so the math stays testable without DALI; the other DALI import in the package is
+the install check `mixpro_dali/smoke.py` (`tests/test_layering.py` allows exactly these two).
 """
 from __future__ import annotations
 

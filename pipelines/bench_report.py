@@ -1,5 +1,7 @@
 """What the benchmarks share: machine info, interleaved timing rounds, peak-memory sampling,
-and the JSON / markdown / PNG outputs (the PNG drawn with Pillow: no plotting dependency).
+and the JSON / markdown / PNG outputs. The benchmarks' bar charts are drawn with Pillow, so
+they need no plotting library; matplotlib (a package dependency) is used only by the plots of
+train.evaluate, train.study and train.pal_plot.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Imports flow one way: mixpro_dali <- pipelines <- train; DALI only in mixpro_dali/operator.py."""
+"""Imports flow one way: mixpro_dali <- pipelines <- train; in mixpro_dali, DALI only in operator.py
+(the data path) and smoke.py (the install check)."""
 import ast
 from pathlib import Path
 
