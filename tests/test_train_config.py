@@ -99,8 +99,12 @@ def test_parse_overrides_values():
 
 def test_resume_takes_the_checkpoint_config_and_folder(tmp_path):
     import torch
+    from train.checkpoint import FORMAT_VERSION, seal
     cfg, _, _ = resolve(["--run.epochs", "3"])
-    torch.save({"config": cfg.to_dict()}, tmp_path / "last.pth")
+    stub = {"version": FORMAT_VERSION, "model": {}, "optimizer": {}, "scheduler": {},
+            "state": {}, "ranks": [{"rng": {}, "loader": {}, "running": {}}],
+            "config": cfg.to_dict()}
+    torch.save(seal(stub), tmp_path / "last.pth")
     again, args, name = resolve(["--resume", str(tmp_path), "--run.epochs", "5"])
     assert args.output == str(tmp_path) and name == "resumed"
     assert again.run.epochs == 5 and again.model == cfg.model and again.data == cfg.data

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from train.__main__ import main as cli_main
+from train.checkpoint import seal
 from train.config import TrainConfig
 from train.engine import Engine, NonFiniteLossError
 from train.main import run
@@ -205,7 +206,7 @@ def test_resume_checks_world_size(tree, tmp_path):
     run(TrainConfig.from_dict(d))
     ck = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     ck["ranks"] = ck["ranks"] * 2
-    torch.save(ck, tmp_path / "two.pth")
+    torch.save(seal(ck), tmp_path / "two.pth")  # a consistent 2-process checkpoint
     with pytest.raises(ValueError, match=r"written by 2 processes, this run has 1: resume with "
                                          r"the same number of processes"):
         run(TrainConfig.from_dict(d), resume=str(tmp_path / "two.pth"))

@@ -64,7 +64,7 @@ def resolve(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Na
     overrides = parse_overrides(rest)
     if args.config is None and args.resume:
         from .checkpoint import load_checkpoint
-        base, name = load_checkpoint(args.resume)["config"], "resumed"
+        base, name = load_checkpoint(args.resume, training=True)["config"], "resumed"
         if args.output is None:
             rp = Path(args.resume)
             args.output = str(rp if rp.is_dir() else rp.parent)
@@ -75,11 +75,18 @@ def resolve(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Na
     return cfg, args, name
 
 
+def _error(msg: str) -> None:
+    """Under torchrun every rank fails the same way: only rank 0 prints."""
+    from .dist import env_rank
+    if env_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, args, name = resolve(argv)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"python -m train: error: {e}", file=sys.stderr)
+        _error(f"python -m train: error: {e}")
         return 2
     if args.print_config:
         import yaml
@@ -90,13 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(cfg, resume=args.resume, output=args.output, name=name)
     except NonFiniteLossError as e:
-        print(f"python -m train: stopped: {e}", file=sys.stderr)
+        _error(f"python -m train: stopped: {e}")
         return 1
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("MIXPRO_TRACEBACK"):
             raise
-        print(f"python -m train: error: {e}\n(set MIXPRO_TRACEBACK=1 for the traceback)",
-              file=sys.stderr)
+        _error(f"python -m train: error: {e}\n(set MIXPRO_TRACEBACK=1 for the traceback)")
         return 2
     return 0
 

@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as tdist
 
 __all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_gather_object", "barrier",
-           "cleanup"]
+           "cleanup", "agree", "RankError", "env_rank"]
+
+
+class RankError(ValueError):
+    """Another rank's up-front check failed (this rank's passed)."""
+
+
+def env_rank() -> int:
+    """This process's rank from torchrun's environment (0 without torchrun)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -48,11 +60,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device='cuda' but no CUDA device is visible; use "
-                               "--run.device cpu (or auto)")
+            raise ValueError("run.device='cuda' but no CUDA device is visible (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use "
+                             "--run.device cpu (or auto)")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} "
-                               "GPUs are visible; start at most one process per GPU")
+            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} "
+                             "GPUs are visible; start at most one process per GPU")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -86,6 +99,25 @@ def broadcast_object(obj: Any) -> Any:
         tdist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+def agree(fn: Callable[[], Any]) -> Any:
+    """Run the check `fn` on every rank and fail together: if any rank raised, every rank
+    raises (its own error, or RankError naming the rank that failed), so no rank is left
+    waiting in a collective and rank 0 can report the error once. Returns fn()'s result."""
+    err: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        err = e
+    msgs = all_gather_object(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    for r, m in enumerate(msgs):
+        if m is not None:
+            raise RankError(f"rank {r}: {m}")
+    return result
 
 
 def barrier() -> None:

@@ -5,7 +5,10 @@ checkpoint is loaded, and the RNG states are restored last, right before the loo
 """
 from __future__ import annotations
 
+import filecmp
+import json
 import math
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,13 +20,13 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, dump_yaml
-from .dist import DistInfo, all_gather_object, barrier, broadcast_object, cleanup, \
+from .dist import DistInfo, agree, all_gather_object, barrier, broadcast_object, cleanup, \
     init_distributed
 from .engine import Engine, PalMonitor, TrainState
 from .losses import MixLoss, mix_config_for
 from .pal_plot import PAL_FILE
 from .optim import build_optimizer, build_scheduler, scaled_lr
-from .summary import Progress, Reporter, fmt_time, format_table
+from .summary import Progress, Reporter, fmt_time, format_table, write_summary
 
 __all__ = ["run", "build_model", "resolve_data", "build_loaders"]
 
@@ -128,52 +131,151 @@ def _output_dir(cfg: TrainConfig, output: str | None, name: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+RUN_FILES = ("last.pth", "best.pth", "best.pth.pending", "best_timm.pth", "summary.csv",
+             "pal_alpha.json", "config.yaml")
+PENDING_BEST = "best.pth.pending"
+
+
 class _Saver:
-    """Rank 0 writes; every rank contributes its RNG + loader state (a collective)."""
+    """Rank 0 writes; every rank contributes its RNG, loader state and running sums (a
+    collective).
+
+    An epoch's outputs are committed in this order, so that a kill at any point resumes to
+    the same files as an uninterrupted run: (1) best.pth.pending (if a new best) and
+    epoch_NNNN.pth, (2) last.pth: the commit, (3) `finish_epoch`: best.pth.pending -> best.pth,
+    summary.csv and pal_alpha.json rewritten whole from the checkpoint's history. A kill before
+    (2) resumes from the previous last.pth and redoes the epoch (the pending file is dropped on
+    the next start); a kill after (2) is completed by `recover` on the next start."""
 
     def __init__(self, eng: Engine, train_loader, cfg: TrainConfig, out: Path, dist: DistInfo):
         self.eng, self.loader, self.cfg, self.out, self.dist = eng, train_loader, cfg, out, dist
 
-    def state(self, st: TrainState) -> dict[str, Any] | None:
+    def payload(self, st: TrainState) -> bytes | None:
+        """The sealed checkpoint bytes on rank 0 (None elsewhere)."""
+        e = self.eng
+        running = {"loss_sum": st.loss_sum, "loss_count": st.loss_count,
+                   "monitor": e.monitor.state() if e.monitor is not None else None}
         ranks = all_gather_object(ckpt_io.plain_state(
-            {"rng": ckpt_io.capture_rng(), "loader": self.loader.state_dict()}))
+            {"rng": ckpt_io.capture_rng(), "loader": self.loader.state_dict(),
+             "running": running}))
         if not self.dist.is_main:
             return None
-        for p in self.eng.model.parameters():
-            if not torch.isfinite(p).all():
-                raise RuntimeError("model weights are not finite; not overwriting the last good "
-                                   "checkpoint. Lower optim.lr or set optim.clip_grad.")
-        e = self.eng
-        return {
+        sd = ckpt_io.to_cpu({  # one wait for all device->host copies, not one per tensor
             "version": ckpt_io.FORMAT_VERSION, "model": e.model.state_dict(),
             "optimizer": e.optimizer.state_dict(), "scheduler": e.scheduler.state_dict(),
             "scaler": e.scaler.state_dict(), "ema": e.ema.state_dict() if e.ema else None,
             "state": st.to_dict(), "ranks": ranks, "config": self.cfg.to_dict(),
-        }
+        })
+        if not all(bool(torch.isfinite(v).all()) for v in sd["model"].values()
+                   if v.is_floating_point()):
+            raise RuntimeError("model weights are not finite; not overwriting the last good "
+                               "checkpoint. Lower optim.lr or set optim.clip_grad.")
+        return ckpt_io.serialize(sd)
 
     def mid_epoch(self, st: TrainState) -> None:
-        sd = self.state(st)
-        if sd is not None:
-            ckpt_io.save_atomic(sd, self.out / "last.pth")
+        data = self.payload(st)
+        if data is not None:
+            ckpt_io.write_bytes_atomic(data, self.out / "last.pth")
+            ckpt_io.fault_point("mid_epoch:committed")
 
     def epoch_end(self, st: TrainState, is_best: bool) -> None:
-        sd = self.state(st)
-        if sd is None:
+        data = self.payload(st)
+        if data is None:
             return
-        ckpt_io.save_atomic(sd, self.out / "last.pth")
         if is_best:
-            ckpt_io.save_atomic(sd, self.out / "best.pth")
+            ckpt_io.write_bytes_atomic(data, self.out / PENDING_BEST)
         every = self.cfg.run.ckpt_every
         if every and (st.epoch + 1) % every == 0:
-            ckpt_io.save_atomic(sd, self.out / f"epoch_{st.epoch + 1:04d}.pth")
+            ckpt_io.write_bytes_atomic(data, self.out / f"epoch_{st.epoch + 1:04d}.pth")
+        ckpt_io.fault_point("epoch_end:before_commit")
+        ckpt_io.write_bytes_atomic(data, self.out / "last.pth")
+        ckpt_io.fault_point("epoch_end:committed")
+        finish_epoch(self.out, st.history)
 
 
-def _resume(path: str, eng: Engine, train_loader, dist: DistInfo) -> TrainState:
-    ck = ckpt_io.load_checkpoint(path)
+def finish_epoch(out: Path, history: list[dict[str, Any]]) -> None:
+    """Step (3) of the commit: idempotent, redone by `recover` after a kill."""
+    pending = out / PENDING_BEST
+    if pending.is_file():
+        os.replace(pending, out / "best.pth")
+    ckpt_io.fault_point("epoch_end:best")
+    # both files hold exactly the committed history (none before the first epoch's end)
+    rows = [h["row"] for h in history if "row" in h]
+    if rows:
+        write_summary(out / "summary.csv", rows)
+    else:
+        (out / "summary.csv").unlink(missing_ok=True)
+    ckpt_io.fault_point("epoch_end:summary")
+    hists = [h["pal_alpha_hist"] for h in history if "pal_alpha_hist" in h]
+    if hists:
+        write_pal_history(out / PAL_FILE, history, len(hists[0]))
+    else:
+        (out / PAL_FILE).unlink(missing_ok=True)
+
+
+def recover(out: Path, resumed_from: Path | None, history: list[dict[str, Any]]) -> None:
+    """On an accepted start: drop the temp files of killed writes; keep a pending best.pth only
+    when it belongs to the committed checkpoint we resume from (same bytes), then finish that
+    epoch's outputs (summary.csv, pal_alpha.json) from its history."""
+    epoch_files = {p.name.split(".pth.")[0] + ".pth" for p in out.glob("epoch_*.pth.*.tmp")}
+    gone = ckpt_io.clean_temp_files(out, [*RUN_FILES, *sorted(epoch_files)])
+    if gone:
+        print(f"removed {len(gone)} temp file(s) of an interrupted write: "
+              f"{', '.join(p.name for p in gone)}", flush=True)
+    pending = out / PENDING_BEST
+    if pending.is_file():
+        if resumed_from is None or not filecmp.cmp(pending, resumed_from, shallow=False):
+            pending.unlink()
+    if resumed_from is not None:
+        finish_epoch(out, history)
+
+
+def _preflight(cfg: TrainConfig, dist: DistInfo, resume: str | None,
+               out: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """Everything that can be refused before data, model or loaders are built, and before the
+    run folder changes: the checkpoint (readable, ours, intact, compatible), the model."""
+    if not resume and (out / "last.pth").exists():
+        raise ValueError(f"{out} already holds a run (last.pth): continue it with --resume "
+                         f"{out}, or choose another --output")
+    check_model(cfg)
+    if not resume:
+        return None, None
+    path = Path(resume)
+    path = path / "last.pth" if path.is_dir() else path
+    ck = ckpt_io.load_checkpoint(path, training=True)
+    where = f"checkpoint {str(path)!r}"
     ranks = ck["ranks"]
     if len(ranks) != dist.world_size:
-        raise ValueError(f"checkpoint {path} was written by {len(ranks)} processes, this run has "
+        raise ValueError(f"{where} was written by {len(ranks)} processes, this run has "
                          f"{dist.world_size}: resume with the same number of processes")
+    old = ck["config"]
+    for key in ("name", "num_classes", "kwargs"):
+        was, now = old.get("model", {}).get(key), getattr(cfg.model, key)
+        if was != now:
+            raise ValueError(f"{where} is for model.{key}={was!r}, this run has {now!r}: resume "
+                             "with the same model")
+    loader = ranks[dist.rank]["loader"]
+    for key, now in (("seed", cfg.run.seed), ("batch_size", cfg.data.batch_size)):
+        if isinstance(loader, dict) and loader.get(key) != now:
+            section = "run" if key == "seed" else "data"
+            raise ValueError(f"{where} was written with {section}.{key}={loader.get(key)!r}, "
+                             f"this run has {now!r}: resume with the same {section}.{key}")
+    return ck, path
+
+
+def check_model(cfg: TrainConfig) -> None:
+    """Build the model on the meta device (no memory, no RNG use) so that unknown kwargs or a
+    wrong image size fail before any data is prepared."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            build_model(cfg)
+    except (ValueError, TypeError):
+        raise
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: checked later
+        pass
+
+
+def _apply_resume(ck: dict[str, Any], eng: Engine, train_loader, dist: DistInfo) -> TrainState:
     eng.model.load_state_dict(ck["model"])
     eng.optimizer.load_state_dict(ck["optimizer"])
     keys = ("t_initial", "warmup_t", "lr_min", "warmup_lr_init", "base_values")
@@ -192,8 +294,15 @@ def _resume(path: str, eng: Engine, train_loader, dist: DistInfo) -> TrainState:
             eng.ema.set(eng.model)
     st = TrainState.from_dict(ck["state"])
     eng.scheduler.step_update(num_updates=st.step)
-    mine = ranks[dist.rank]
+    mine = ck["ranks"][dist.rank]
     train_loader.load_state_dict(mine["loader"])
+    running = mine["running"]  # this rank's own partial-epoch sums
+    st.loss_sum, st.loss_count = float(running["loss_sum"]), int(running["loss_count"])
+    if eng.monitor is not None:
+        if running.get("monitor") is not None:
+            eng.monitor.load_state(running["monitor"])
+        else:
+            eng.monitor.reset()
     ckpt_io.restore_rng(mine["rng"])
     return st
 
@@ -252,25 +361,29 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
     t_run = time.perf_counter()
     torch.manual_seed(cfg.run.seed + dist.rank)
     out = Path(broadcast_object(str(_output_dir(cfg, output, name))))
-    if not resume and (out / "last.pth").exists():
-        raise ValueError(f"{out} already holds a run (last.pth): continue it with --resume "
-                         f"{out}, or choose another --output")
+    ck, ck_path = agree(lambda: _preflight(cfg, dist, resume, out))
     eng, train_loader, val_loader = _build(cfg, dist)
     n_batches = len(train_loader)
+    st = _apply_resume(ck, eng, train_loader, dist) if ck is not None else TrainState()
+    del ck
+    # accepted: only now does the run folder change
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        recover(out, ck_path, st.history)
         dump_yaml(cfg, out / "config.yaml")
-    st = _resume(resume, eng, train_loader, dist) if resume else TrainState()
+    barrier()
     if st.batch >= n_batches:  # the checkpoint closed its epoch
         st.epoch, st.batch, st.loss_sum, st.loss_count = st.epoch + 1, 0, 0.0, 0
+        if eng.monitor is not None:
+            eng.monitor.reset()
     n_params = sum(p.numel() for p in eng.model.parameters())
     _say(dist, f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {dist.world_size} x "
                f"{dist.device.type}, global batch "
                f"{cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps}, lr "
                f"{_peak_lr(eng):.2e}, "
                f"{n_batches} batches/epoch, mix {cfg.mix.method}/{cfg.mix.preset}, out {out}")
-    if resume:
-        _say(dist, f"resumed from {resume}: epoch {st.epoch + 1}, batch {st.batch}, "
+    if ck_path is not None:
+        _say(dist, f"resumed from {ck_path}: epoch {st.epoch + 1}, batch {st.batch}, "
                    f"step {st.step}")
     try:
         last, samples, train_s = _epochs(cfg, dist, eng, train_loader, val_loader, st, out)
@@ -299,7 +412,7 @@ def _epochs(cfg: TrainConfig, dist: DistInfo, eng: Engine, train_loader, val_loa
     reporter = Reporter(out if dist.is_main else None, tensorboard=cfg.run.tensorboard)
     progress = Progress(cfg.run.progress, enabled=dist.is_main, epochs=cfg.run.epochs,
                         n_batches=n_batches)
-    last: dict[str, Any] = {}
+    last = _last_metrics(st.history[-1]) if st.history else {}  # a resume past the end
     samples, train_s = 0, 0.0
     try:
         for epoch in range(st.epoch, cfg.run.epochs):
@@ -320,12 +433,13 @@ def _epochs(cfg: TrainConfig, dist: DistInfo, eng: Engine, train_loader, val_loa
             if is_best:
                 st.best_top1, st.best_epoch = evals["top1"], epoch
             sec = time.perf_counter() - t_ep
-            st.history.append({"epoch": epoch, "train_loss": train_m["loss"], **evals,
-                               "seconds": sec, **_pal_history(train_m, eng.monitor)})
-            saver.epoch_end(st, is_best)
             count = evals.pop("count")
-            if dist.is_main and eng.monitor is not None and eng.monitor.pal:
-                write_pal_history(out / PAL_FILE, st.history, eng.monitor.bins)
+            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_m.items()},
+                   **{f"eval_{k}": v for k, v in evals.items()}, "lr": eng.lr}
+            st.history.append({"epoch": epoch, "train_loss": train_m["loss"], **evals,
+                               "count": count, "seconds": sec,
+                               **_pal_history(train_m, eng.monitor), "row": row})
+            saver.epoch_end(st, is_best)  # commits the epoch: checkpoints, summary.csv
             reporter.epoch(epoch, train_m, evals, lr=eng.lr, seconds=sec, step=st.step)
             _say(dist, f"epoch {epoch + 1}/{cfg.run.epochs}: train loss {train_m['loss']:.4f} "
                        f"val loss {evals['loss']:.4f} top-1 {evals['top1']:.2f} top-5 "
@@ -351,16 +465,19 @@ def _pal_history(train_m: dict[str, Any], monitor: PalMonitor | None) -> dict[st
 def write_pal_history(path: Path, history: list[dict[str, Any]], bins: int) -> None:
     """pal_alpha.json: per epoch alpha mean/std and the per-sample alpha histogram (counts of
     `bins` equal bins over [0, 1]); `python -m train.pal_plot RUN_DIR` draws it."""
-    import json
-    import os
     rows = [{"epoch": h["epoch"], "alpha_mean": h.get("pal_alpha_mean"),
              "alpha_std": h.get("pal_alpha_std"),
              "counts": [int(c) for c in h["pal_alpha_hist"]]}
             for h in history if "pal_alpha_hist" in h]
     text = json.dumps({"bins": bins, "range": [0.0, 1.0], "epochs": rows}, allow_nan=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    ckpt_io.write_bytes_atomic(text.encode(), path)
+
+
+def _last_metrics(h: dict[str, Any]) -> dict[str, Any]:
+    """The final-metrics dict of a history entry (as the loop returns for its last epoch)."""
+    row = h.get("row", {})
+    return {**{k[5:]: v for k, v in row.items() if k.startswith("eval_")},
+            "train_loss": h["train_loss"]}
 
 
 def _final_table(cfg: TrainConfig, result: dict[str, Any], out: Path) -> str:

@@ -2,18 +2,34 @@
 
 progress: 'bar' (tqdm on a terminal), 'lines' (one line every run.log_every steps, for logs and
 CI), 'off'; 'auto' = bar on a terminal, lines otherwise. summary.csv has timm's columns
-(epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) plus eval_ema_* when EMA is on.
+(epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) plus eval_ema_* when EMA is on and
+the PAL monitor's train_pal_* / train_mode_*; it is rewritten whole (atomically) from the
+checkpointed history at each epoch end, so a killed and resumed run ends with the same file.
 """
 from __future__ import annotations
 
+import csv
+import io
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from timm.utils import update_summary
+__all__ = ["Progress", "Reporter", "format_table", "fmt_time", "write_summary"]
 
-__all__ = ["Progress", "Reporter", "format_table", "fmt_time"]
+
+def write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """summary.csv from all epochs' rows (timm's update_summary format: header, then one row
+    per epoch), replacing the file atomically. Columns: the union in first-seen order."""
+    from .checkpoint import write_bytes_atomic
+    fields: dict[str, None] = {}
+    for r in rows:
+        fields.update(dict.fromkeys(r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), restval="", lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes_atomic(buf.getvalue().encode(), path)
 
 
 def fmt_time(seconds: float) -> str:
@@ -71,7 +87,7 @@ class Progress:
 
 
 class Reporter:
-    """summary.csv + TensorBoard (when installed and run.tensorboard) + epoch lines."""
+    """TensorBoard scalars (when installed and run.tensorboard); summary.csv: write_summary."""
 
     def __init__(self, out_dir: Path | None, *, tensorboard: bool) -> None:
         self.out_dir = out_dir
@@ -85,9 +101,6 @@ class Reporter:
 
     def epoch(self, epoch: int, train: Mapping[str, float], evals: Mapping[str, Any],
               lr: float, seconds: float, step: int) -> None:
-        if self.out_dir is None:
-            return
-        update_summary(epoch, dict(train), dict(evals), self.out_dir / "summary.csv", lr=lr)
         if self.tb is not None:
             for k, v in {**{f"train/{k}": v for k, v in train.items()},
                          **{f"eval/{k}": v for k, v in evals.items()},
