@@ -4,12 +4,14 @@ torch.load(weights_only=True), resumable exactly.
 A checkpoint is a plain dict of tensors and builtins:
   version                                        FORMAT_VERSION
   model, optimizer, scheduler, scaler, ema       state dicts (model unwrapped from DDP/compile)
-  state                                          TrainState: epoch, batch, step, best, history
+  state                                          TrainState: epoch, batch, step, loss_sum,
+                                                 loss_count, best_top1, best_epoch, history
   ranks                                          per rank: RNG states, loader state (DALI +
                                                  MaskMix) and running sums (loss, PAL monitor)
   config                                         the resolved TrainConfig
   sha256                                         digest of everything else (`digest`)
-Files: last.pth (every epoch end, and every run.ckpt_steps steps), best.pth, epoch_NNNN.pth.
+Files: last.pth (every epoch end, and every run.ckpt_steps steps), best.pth (committed from
+best.pth.pending after last.pth), epoch_NNNN.pth (every run.ckpt_every epochs).
 
 `load_checkpoint` checks the file before anything is built: an unreadable, foreign or
 corrupted file raises CheckpointError, one line naming the path and what is wrong.
