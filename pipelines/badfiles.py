@@ -172,7 +172,7 @@ class SampleTracker:
 
     def __init__(self, keep: int = 16) -> None:
         self.keep = keep
-        self.watch = None              # a crash_watch.CrashWatch told of every batch
+        self.watch = None              # called with the files of every batch (crash_watch)
         self.calls = 0
         self.history: OrderedDict[int, tuple[str, ...]] = OrderedDict()
 
@@ -184,7 +184,7 @@ class SampleTracker:
                       for s in source_info)
         self.history[self.calls] = names
         if self.watch is not None:
-            self.watch.note(names)
+            self.watch(names)
         self.calls += 1
         while len(self.history) > self.keep:
             self.history.popitem(last=False)

@@ -135,9 +135,11 @@ class _DaliLoader:
     def _watch_crashes(self) -> None:
         """Tell a watcher process the files of every batch, so that a crash of the decoder
         that takes this process down is still pinned to its file (pipelines/crash_watch.py)."""
+        from functools import partial
+
         from .crash_watch import watch
 
-        self._tracker.watch = watch(self.backend, self.device_id, self.source.root)
+        self._tracker.watch = partial(watch(self.backend, self.device_id).note, self.source.root)
 
     def _sizes(self, pipe: Any) -> None:
         """Sample counts from the built reader (WebDataset sizes are known only then)."""

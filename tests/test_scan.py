@@ -105,3 +105,30 @@ def test_module_entry_point_runs(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pipelines.scan", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and len(res.stdout.splitlines()) == 3
+
+
+def test_deep_cli_agrees_with_the_structural_scan_on_broken_jpegs(tmp_path, capsys, indexed):
+    files, bad = bad_tree(tmp_path / "data")
+    out, results = tmp_path / "bad.txt", tmp_path / "scan.tsv"
+    argv = [str(tmp_path / "data"), "--deep", "--device", "cpu", "--results", str(results),
+            "--output", str(out), "-q"]
+    assert main(argv) == 1
+    printed = capsys.readouterr()
+    assert sorted(ln.split("\t")[0] for ln in out.read_text().splitlines()) == sorted(bad)
+    assert "12 files checked" in printed.err and "3 bad" in printed.err
+    statuses = [ln.split("\t")[1] for ln in results.read_text().splitlines()]
+    assert sorted(statuses) == ["bad"] * 3 + ["ok"] * 9
+    assert main(argv) == 1                                  # resumed: nothing left to decode
+    assert len(results.read_text().splitlines()) == 12
+    assert main([str(indexed.wds), "--deep"]) == 2
+    assert "--deep scans class folders and file lists" in capsys.readouterr().err
+
+
+def test_deep_scan_arguments_and_torn_results(tmp_path):
+    from pipelines.deep_scan import deep_scan, read_results
+
+    with pytest.raises(ValueError, match=r"batch must be in \[1, 64\], got 65"):
+        deep_scan([], batch=65)
+    torn = tmp_path / "scan.tsv"
+    torn.write_text("a.jpg\tok\tJPEG RGB\nb.jpg\tbad\tempty file\nc.jpg\tok\tJP")
+    assert read_results(str(torn)) == {"a.jpg": ("ok", "JPEG RGB"), "b.jpg": ("bad", "empty file")}
