@@ -103,3 +103,20 @@ def test_plain_swin_with_pal_points_to_the_ca_variant(tree, tmp_path):
     with pytest.raises(ValueError, match=r"SwinTransformer has no class token.*method='area'.*"
                                          r"ca_swin_tiny_patch4_window7_224"):
         run(cfg)
+
+
+def test_evaluate_occludes_the_final_stage_tokens_of_ca_models():
+    """train.evaluate's salient occlusion orders A's tokens: 32-px patches for CA-Swin."""
+    import timm
+    import torch
+    from train.evaluate import evaluate_model
+    torch.manual_seed(0)
+    model = timm.create_model("ca_swin_tiny_patch4_window7_224", num_classes=3, img_size=64,
+                              embed_dim=8, depths=(1, 1, 1, 2), num_heads=(1, 1, 2, 2),
+                              window_size=4)
+    batch = {"image": torch.randn(5, 3, 64, 64), "label": torch.tensor([0, 1, 2, 0, 1])}
+    res = evaluate_model(model, [batch], patch=4, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         ratios=(0.0, 0.5, 0.75))
+    occ = res["occlusion"]
+    assert occ["patch"] == 32 and occ["samples"] == 5
+    assert all(len(v) == 3 for v in occ["accuracy"].values())

@@ -112,6 +112,8 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, patch: int, mean: Sequ
     model.eval()
     need_attn = any(m != "random" for m in modes)
     cls_attn = ClsAttention(model) if need_attn else None
+    if cls_attn is not None and cls_attn.stride:  # occlude A's tokens (CA-Swin / CA-PVT: 32 px)
+        patch = cls_attn.stride
     fill = torch.tensor([-m / s for m, s in zip(mean, std)])  # raw pixel 0, normalized (C,)
     gen = torch.Generator().manual_seed(seed)
     counts = {m: torch.zeros(len(ratios), dtype=torch.float64) for m in modes}
