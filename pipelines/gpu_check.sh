@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The last command on a lent GPU machine (../shared/device/README.md): install the staged DALI
-# wheels, then run every GPU check and benchmark into $OUT (~6 min).
-#   run(command="bash pipelines/gpu_check.sh", carry=[".devwheels/pNN"], timeout_s=540)
-# Extra arguments go to `python3 -m pipelines.gpu_check` (e.g. --budget 300 --skip train).
+# The GPU check, for any CUDA machine with DALI installed (`pip install -e .` installs it):
+# prints the DALI / torch / CUDA versions, then runs every GPU check and benchmark into $OUT
+# (default gpu_check_out/, ~6 min). results/bench/README.md describes the checks.
+#   OUT=gpu_check_out bash pipelines/gpu_check.sh [--budget 300 --skip train]
+# Extra arguments go to `python3 -m pipelines.gpu_check`. On a machine without network access,
+# DALI can come from local wheels: if it is missing, .devwheels/INSTALL.txt (an install command
+# for wheels copied next to it) is run first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check_out}
 if ! python3 -c "import nvidia.dali" 2>/dev/null; then
     [[ -f .devwheels/INSTALL.txt ]] || {
         echo "gpu_check.sh: DALI is not installed and .devwheels/INSTALL.txt is missing;" \
-             "stage it with: bash ../shared/device/stage-dali.sh (then carry the parts)" >&2
+             "install it with: pip install -e . (or pip install nvidia-dali-cuda120==2.4.0)" >&2
         exit 2
     }
     t0=$SECONDS
