@@ -208,7 +208,7 @@ def test_kills_in_the_commit_sequence_resume_to_the_same_files(tmp_path):
     # 1. inside the write of epoch 1's best.pth.pending (temp file complete, not renamed)
     p = train(["--config", tmp_path / "killed.yaml"], "write:best.pth.pending")
     assert p.returncode == -9, p.stderr[-3000:]
-    assert [f.name for f in out.glob("best.pth.pending.*.tmp")] and not (out / "summary.csv").exists()
+    assert list(out.glob("best.pth.pending.*.tmp")) and not (out / "summary.csv").exists()
     # 2. epoch 1 committed (last.pth), best.pth and summary.csv not yet written
     p = train(["--resume", out], "epoch_end:committed")
     assert p.returncode == -9, p.stderr[-3000:]

@@ -78,7 +78,8 @@ def plot(data: dict[str, Any], out: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.pal_plot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.pal_plot",
+                                description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a run folder (holding pal_alpha.json) or the file itself")
     p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/pal_alpha.png)")
     args = p.parse_args(argv)
