@@ -45,6 +45,7 @@ def plot(data: dict[str, Any], out: str | Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - MaxNLocator
 
     epochs = data["epochs"]
     x = [e["epoch"] + 1 for e in epochs]
@@ -57,6 +58,7 @@ def plot(data: dict[str, Any], out: str | Path) -> Path:
                      alpha=0.25, label="+-1 std")
     ax1.set(xlabel="epoch", ylabel="alpha", title="(a) progressive factor alpha per epoch",
             ylim=(0, 1))
+    ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax1.grid(alpha=0.3)
     ax1.legend()
     last = epochs[-1]
