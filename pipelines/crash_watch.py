@@ -61,9 +61,12 @@ class CrashWatch:
         with self.lock:
             if self.proc.stdin is None or self.proc.stdin.closed:
                 return
-            if self._had_faulthandler:
-                faulthandler.enable(file=sys.stderr, all_threads=True)
-            else:
+            try:
+                if self._had_faulthandler:
+                    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+                else:
+                    faulthandler.disable()
+            except (ValueError, OSError, AttributeError):   # stderr already closed
                 faulthandler.disable()
             try:
                 self.proc.stdin.close()

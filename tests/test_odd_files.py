@@ -249,7 +249,8 @@ def test_python_train_runs_with_the_scan_list_and_names_a_file_without(corpus, t
 
 @pytest.mark.slow
 def test_whole_corpus(images, tmp_path):
-    """All ~1,060 files: the scan finishes, and with its list a validation epoch runs through."""
+    """All ~1,060 files: the scan finishes, and with its list a validation and a training
+    epoch run through."""
     made, found, bad = scanned_tree(images, tmp_path / "data", subset=False)
     counts: dict[str, int] = {}
     for status, reason in found.values():
@@ -259,4 +260,8 @@ def test_whole_corpus(images, tmp_path):
     assert set(found) == set(made)
     res = _python(_loader_script(tmp_path / "data", "val", bad))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert int(res.stdout.split()[1]) == sum(s != "bad" for s, _ in found.values())
+    kept = sum(s != "bad" for s, _ in found.values())
+    assert int(res.stdout.split()[1]) == kept
+    res = _python(_loader_script(tmp_path / "data", "train", bad))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[1]) == kept // 8 * 8
