@@ -295,6 +295,12 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _feature_cfg(kwargs: dict) -> dict[str, Any]:
+    """features_only=True: the stage outputs, as timm builds them for the backbones (the last
+    stage's output then lacks the replaced block; the CA block is a head)."""
+    return dict(flatten_sequential=True, out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)))
+
+
 def _swin_builder(name: str) -> Callable[..., CaSwinTransformer]:
     embed_dim, depths, num_heads, _ = SWIN[name]
 
@@ -303,7 +309,7 @@ def _swin_builder(name: str) -> Callable[..., CaSwinTransformer]:
                     num_heads=num_heads)
         return build_model_with_cfg(CaSwinTransformer, name, pretrained,
                                     pretrained_filter_fn=_filter(swin_filter, "qkv"),
-                                    **{**args, **kwargs})
+                                    feature_cfg=_feature_cfg(kwargs), **{**args, **kwargs})
     create.__name__ = create.__qualname__ = name
     create.__doc__ = f"CA-Swin: {name[3:]} with a class-attention last block."
     create.__module__ = __name__
@@ -318,7 +324,7 @@ def _pvt_builder(name: str) -> Callable[..., CaPyramidVisionTransformerV2]:
                     mlp_ratios=mlp_ratios)
         return build_model_with_cfg(CaPyramidVisionTransformerV2, name, pretrained,
                                     pretrained_filter_fn=_filter(pvt_filter, "q+kv"),
-                                    **{**args, **kwargs})
+                                    feature_cfg=_feature_cfg(kwargs), **{**args, **kwargs})
     create.__name__ = create.__qualname__ = name
     create.__doc__ = f"CA-PVT: {name[3:]} with a class-attention last block."
     create.__module__ = __name__

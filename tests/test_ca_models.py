@@ -305,3 +305,15 @@ def test_deepcopy_and_state_dict_round_trip():
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
         torch.testing.assert_close(clone(x), model(x))
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_features_only_gives_the_stage_outputs(kind):
+    name, _, kw = TINY[kind]
+    feats = timm.create_model(name, features_only=True, **kw)
+    assert feats.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        outs = feats(torch.randn(2, 3, 128, 128))
+    assert len(outs) == 4 and sorted(outs[-1].shape[1:]) == [4, 4, 64]  # 4x4 grid, 64 channels
+    last = timm.create_model(name, features_only=True, out_indices=(3,), **kw)
+    assert len(last.feature_info.reduction()) == 1
