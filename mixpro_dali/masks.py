@@ -1,10 +1,10 @@
 """MaskMix / CutMix / Mixup kernels in plain torch: one implementation for CPU and GPU.
 
 `sample_mix` draws every random decision of one batch on the host from a pure function of
-(seed, shard, batch index); the draw is O(batch x cells). `mix_samples` (the batch as its
-samples, as the operator gets it) and `apply_mix` (a dense batch) are deterministic given those
-parameters and run on the images' device; only there is the token mask expanded to pixels
-(never materialized as int64 on the host, unlike the reference code).
+(seed, shard, batch index); the draw is O(batch x cells). `apply_mix` is deterministic given
+those parameters and mixes a dense batch on the images' device with a fixed number of torch ops
+(no per-sample loop); `stage_params` gets the few decision bytes to a GPU without a host sync.
+No pixel mask is ever built (the reference code materializes one as int64 on the host).
 
 Worked example: a 2x2 token grid with token_mask [[1, 0], [0, 0]] gives lam 0.25 (the sample
 keeps one token of four, MixPro Eq. 3: x_mix = M * x_a + (1 - M) * x_b).
@@ -12,8 +12,7 @@ keeps one token of four, MixPro Eq. 3: x_mix = M * x_a + (1 - M) * x_b).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -135,57 +134,86 @@ def area_lambda(token_mask: torch.Tensor) -> torch.Tensor:
     return token_mask.flatten(1).float().mean(1)
 
 
-def _select_mask(token_mask: torch.Tensor, patch_size: int, layout: str) -> torch.Tensor:
-    """(B, h, w) token mask -> the bool mask `_select_tokens` broadcasts, for the whole batch at
-    once: HWC (B, h, 1, w, 1, 1) over a (h, P, w, P, C) view of each sample (contiguous P*C
-    runs); CHW a (B, 1, H, W) pixel mask over channels (faster on CPU than P-element runs)."""
-    b, h, w = token_mask.shape
-    p, keep = patch_size, token_mask.bool()
-    if layout == "HWC":
-        return keep.view(b, h, 1, w, 1, 1)
-    return keep.view(b, h, 1, w, 1).expand(b, h, p, w, p).reshape(b, 1, h * p, w * p)
+_CPU_CHUNK_BYTES = 1 << 20
+"""uint8 Mixup blends in float32; on the CPU it runs in chunks of samples whose float32
+temporaries fit this many bytes (cache-sized: one pass over a batch-sized float32 temporary is
+~3x slower here). On a GPU the whole batch is one chunk."""
 
 
-def _select_tokens(image: torch.Tensor, other: torch.Tensor, out: torch.Tensor,
-                   mask: torch.Tensor, patch_size: int, layout: str) -> None:
-    """out <- image where mask (one sample's `_select_mask`), else other: one pass."""
+def stage_params(params: MixParams, device: torch.device | str) -> MixParams:
+    """`params` with `partner` and `token_mask` on `device`, without a host sync: on a GPU both
+    are packed into one pinned host buffer and copied with one `non_blocking` copy on the
+    current stream (torch's pinned-memory cache keeps the buffer until that copy has run).
+    On the CPU `params` itself. `lam` and `blend` stay on the host."""
+    device = torch.device(device)
+    if device.type == "cpu" or params.mode == MODES["none"]:
+        return params
+    b, mask = len(params.partner), params.token_mask
+    buf = torch.empty(8 * b + mask.numel(), dtype=torch.uint8, pin_memory=True)
+    buf[:8 * b].view(torch.int64).copy_(params.partner)
+    buf[8 * b:].copy_(mask.reshape(-1))
+    dev = buf.to(device, non_blocking=True)
+    return replace(params, partner=dev[:8 * b].view(torch.int64),
+                   token_mask=dev[8 * b:].view(mask.shape))
+
+
+def _token_rows(images: torch.Tensor, token_mask: torch.Tensor, partner: torch.Tensor,
+                patch_size: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, index): `images` viewed as rows of contiguous elements that each lie inside one
+    token (P of one channel for CHW, P*C for HWC), and for every output row the input row it
+    is copied from (sample i's own row where token_mask[i] is 1, else partner[i]'s)."""
+    b, (h, w), p, dev = images.shape[0], token_mask.shape[1:], patch_size, images.device
     if layout == "HWC":
-        hh, ww, c = image.shape
-        shape = (hh // patch_size, patch_size, ww // patch_size, patch_size, c)
-        torch.where(mask, image.view(shape), other.view(shape), out=out.view(shape))
+        c = images.shape[3]
+        rows, per, own = images.view(-1, p * c), (h, p, w), (b, h, 1, w)   # row = (P, C)
     else:
-        torch.where(mask, image, other, out=out)
+        c = images.shape[1]
+        rows, per, own = images.view(-1, p), (c, h, p, w), (b, 1, h, 1, w)  # row = P pixels
+    n = math.prod(per)                                                      # rows per sample
+    itype = torch.int32 if b * n < 2**31 else torch.int64                   # half the bytes
+    src = torch.where(token_mask.bool(), torch.arange(b, device=dev, dtype=itype).view(b, 1, 1),
+                      partner.to(itype).view(b, 1, 1))                      # (B, h, w) source
+    base = torch.arange(n, device=dev, dtype=itype).view(1, *per)
+    return rows, torch.add(base, src.view(own), alpha=n).view(-1)           # (B * n,)
 
 
-def mix_samples(samples: Sequence[torch.Tensor], params: MixParams, *, patch_size: int,
-                layout: str = "HWC", out: Sequence[torch.Tensor] | None = None
-                ) -> list[torch.Tensor]:
-    """Deterministic mixing of one batch given as its B samples (DALI's buffers), on their
-    device; returns B tensors (``none`` mode: the inputs themselves), each written from its two
-    sources directly, into ``out[i]`` when given (same shape and dtype: reused buffers) or a new
-    tensor."""
-    samples = list(samples)
+def _blend_uint8(images: torch.Tensor, partner: torch.Tensor, blend: float,
+                 out: torch.Tensor) -> None:
+    """round(blend * a + (1 - blend) * b) clamped to [0, 255], in float32, chunked on the CPU."""
+    b = images.shape[0]
+    step = b
+    if images.device.type == "cpu":
+        step = max(1, _CPU_CHUNK_BYTES // max(1, 4 * images[0].numel()))
+    for s in range(0, b, step):
+        a = images[s:s + step].float()
+        other = images.index_select(0, partner[s:s + step]).float()
+        out[s:s + step].copy_(a.mul_(blend).add_(other, alpha=1.0 - blend).round_().clamp_(0, 255))
+
+
+def apply_mix(images: torch.Tensor, params: MixParams, *, patch_size: int, layout: str = "HWC",
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Mix a dense batch (B, H, W, C) | (B, C, H, W) on its device with a fixed number of torch
+    ops whatever B is (MixPro Eq. 3: x_mix = M * x_a + (1 - M) * x_b). MaskMix and CutMix copy
+    each token-row from its source sample with one `index_select` (one read, one write: no
+    gathered partner batch and no pixel mask); Mixup gathers the partner batch and blends it
+    in place (`lerp`: exactly `image` at blend 1). Writes into `out` when given (same shape
+    and dtype as `images`, not aliasing it); `none` returns a copy. Params on the host are
+    moved to `images.device` (a sync on a GPU: stage them with `stage_params` first)."""
+    if layout not in ("HWC", "CHW"):
+        raise ValueError(f"layout must be one of ('HWC', 'CHW'), got {layout!r}")
+    images = images.contiguous()
+    out = torch.empty_like(images) if out is None else out
     if params.mode == MODES["none"]:
-        return samples
-    mask = _select_mask(params.token_mask.to(samples[0].device, non_blocking=True), patch_size,
-                        layout)
-    lam, result = params.blend, []
-    for i, j in enumerate(params.partner.tolist()):
-        image, other = samples[i], samples[j]
-        o = torch.empty_like(image) if out is None else out[i]
-        if params.mode != MODES["mixup"]:
-            _select_tokens(image, other, o, mask[i], patch_size, layout)
-        elif image.is_floating_point():
-            torch.lerp(other, image, lam, out=o)     # other + lam * (image - other): one pass
+        return out.copy_(images)
+    dev = images.device
+    partner = params.partner.to(dev)
+    if params.mode == MODES["mixup"]:
+        if images.is_floating_point():
+            torch.index_select(images, 0, partner, out=out)
+            torch.lerp(out, images, params.blend, out=out)   # other + blend * (image - other)
         else:
-            o.copy_(image.float().mul_(lam).add_(other.float(), alpha=1.0 - lam)
-                    .round_().clamp_(0, 255))
-        result.append(o)
-    return result
-
-
-def apply_mix(images: torch.Tensor, params: MixParams, *, patch_size: int,
-              layout: str = "HWC") -> torch.Tensor:
-    """`mix_samples` for a dense batch (B, H, W, C) | (B, C, H, W): a new dense tensor."""
-    return torch.stack(mix_samples(images.unbind(0), params, patch_size=patch_size,
-                                   layout=layout))
+            _blend_uint8(images, partner, params.blend, out)
+        return out
+    rows, index = _token_rows(images, params.token_mask.to(dev), partner, patch_size, layout)
+    torch.index_select(rows, 0, index, out=out.view(rows.shape))
+    return out

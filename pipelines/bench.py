@@ -95,6 +95,17 @@ def _timed_operator(op: Any) -> Any:
                 self.seconds += time.perf_counter() - t0
                 self.cpu_seconds += time.thread_time() - c0
 
+    if hasattr(base, "draw"):      # the operator's host-side draw (DALI's external source)
+        def draw(self, *args):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return base.draw(self, *args)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.cpu_seconds += time.thread_time() - c0
+
+        Timed.draw = draw
+
     op.seconds = op.cpu_seconds = 0.0
     op.__class__ = Timed
     return op

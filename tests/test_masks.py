@@ -4,7 +4,9 @@ import pytest
 import torch
 from scipy import stats
 
-from mixpro_dali import MODES, MixConfig, apply_mix, area_lambda, mix_samples, sample_mix
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mixpro_dali import MODES, MixConfig, apply_mix, area_lambda, sample_mix, stage_params
 from mixpro_dali.masks import cells_to_tokens
 
 SIZES = [  # (image_size, patch, cell): dividing and non-dividing cells, non-square images
@@ -249,20 +251,117 @@ def test_mixup_blend_and_none_copy():
     assert none.mode == 0 and (none.lam == 1).all() and torch.equal(apply_mix(x, none, patch_size=16), x)
 
 
-@pytest.mark.parametrize("layout", ["HWC", "CHW"])
-@pytest.mark.parametrize("mode", ["maskmix", "cutmix", "mixup"])
-def test_mix_samples_into_reused_buffers_equals_apply_mix(layout, mode):
-    """The operator's form: per-sample inputs, outputs written into the same buffers batch after
-    batch; each batch must equal the dense kernel's result on that batch alone."""
-    cfg = MixConfig(image_size=(32, 48), patch_size=8, mask_patch=16, probs={mode: 1.0}, seed=3)
-    shape = (32, 48, 3) if layout == "HWC" else (3, 32, 48)
-    buffers = [torch.empty(shape) for _ in range(5)]
+def reference_mix(images, params, *, patch_size, layout):
+    """The slow obvious semantics, sample by sample: a pixel mask from the token mask, a select
+    (MaskMix, CutMix), a blend (Mixup: lerp on floats; uint8 rounds the float32 blend)."""
+    out = []
+    for i, j in enumerate(params.partner.tolist()):
+        a, b = images[i], images[j]
+        if params.mode == MODES["none"]:
+            out.append(a.clone())
+        elif params.mode == MODES["mixup"]:
+            if a.is_floating_point():
+                out.append(torch.lerp(b, a, params.blend))
+            else:
+                out.append((a.float() * params.blend + b.float() * (1.0 - params.blend))
+                           .round().clamp(0, 255).to(a.dtype))
+        else:
+            keep = params.token_mask[i].bool()
+            keep = keep.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)   # (H, W)
+            keep = keep[:, :, None] if layout == "HWC" else keep[None]
+            out.append(torch.where(keep, a, b))
+    return torch.stack(out)
+
+
+MIX_CASES = [("HWC", torch.uint8), ("CHW", torch.float32), ("CHW", torch.float16),
+             ("HWC", torch.float32), ("CHW", torch.uint8)]
+
+
+@pytest.mark.parametrize("layout,dtype", MIX_CASES)
+@pytest.mark.parametrize("mode", ["maskmix", "cutmix", "mixup", "none"])
+@pytest.mark.parametrize("size,patch,cell,partner", [((48, 80), 8, 24, "perm"), ((32, 32), 16, 16, "flip"),
+                                                     ((224, 224), 16, 64, "perm")])
+def test_apply_mix_equals_per_sample_reference_bitwise(layout, dtype, mode, size, patch, cell, partner):
+    """The batch kernel (index_select of token rows / gathered lerp) against the per-sample
+    reference, bit for bit, on random pixels; the input is not modified; `out` is honoured."""
+    cfg = MixConfig(image_size=size, patch_size=patch, mask_patch=cell, partner=partner,
+                    probs={} if mode == "none" else {mode: 1.0}, seed=3)
+    b = 5 if size[0] > 100 else 7
+    shape = (b, *size, 3) if layout == "HWC" else (b, 3, *size)
+    gen = torch.Generator().manual_seed(size[0] + patch)
     for k in range(3):
-        x = torch.randn(5, *shape)
-        p = sample_mix(cfg, 5, k)
-        got = mix_samples(list(x.unbind(0)), p, patch_size=8, layout=layout, out=buffers)
-        assert all(g is b for g, b in zip(got, buffers))
-        assert torch.equal(torch.stack(got), apply_mix(x, p, patch_size=8, layout=layout))
-    none = sample_mix(MixConfig.preset("none", image_size=(32, 48), patch_size=8, mask_patch=16), 5, 0)
-    samples = list(x.unbind(0))
-    assert all(a is b for a, b in zip(mix_samples(samples, none, patch_size=8, layout=layout), samples))
+        x = (torch.rand(shape, generator=gen) * 255).to(dtype) if dtype == torch.uint8 else \
+            torch.randn(shape, generator=gen).to(dtype)
+        before = x.clone()
+        p = sample_mix(cfg, b, k)
+        assert p.mode == MODES[mode]
+        want = reference_mix(x, p, patch_size=patch, layout=layout)
+        got = apply_mix(x, p, patch_size=patch, layout=layout)
+        assert got.dtype == dtype and torch.equal(got, want) and torch.equal(x, before)
+        buf = torch.full_like(x, 7)
+        assert apply_mix(x, p, patch_size=patch, layout=layout, out=buf) is buf
+        assert torch.equal(buf, want)
+
+
+def test_uint8_mixup_chunks_on_cpu_equal_one_chunk(monkeypatch):
+    """The CPU's cache-sized chunks of the uint8 blend give the GPU's single chunk's result."""
+    import mixpro_dali.masks as masks
+
+    cfg = MixConfig(image_size=32, patch_size=8, mask_patch=8, probs={"mixup": 1.0}, partner="perm")
+    x = torch.randint(0, 256, (9, 32, 32, 3), dtype=torch.uint8)
+    p = sample_mix(cfg, 9, 2)
+    whole = apply_mix(x, p, patch_size=8)
+    monkeypatch.setattr(masks, "_CPU_CHUNK_BYTES", 2 * 4 * 32 * 32 * 3)        # chunks of 2
+    assert torch.equal(apply_mix(x, p, patch_size=8), whole)
+    assert torch.equal(whole, reference_mix(x, p, patch_size=8, layout="HWC"))
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the non-view aten ops dispatched inside the block (views alias, launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout,dtype", [("CHW", torch.float16), ("CHW", torch.float32),
+                                          ("HWC", torch.uint8)])
+@pytest.mark.parametrize("mode", ["maskmix", "cutmix", "mixup"])
+def test_apply_mix_op_count_does_not_grow_with_batch(layout, dtype, mode):
+    """The same ops (count and kinds) at B=16 and B=64: no per-sample loop."""
+    cfg = MixConfig(image_size=32, patch_size=8, mask_patch=16, partner="perm", probs={mode: 1.0})
+    counts = {}
+    for b in (16, 64):
+        shape = (b, 32, 32, 3) if layout == "HWC" else (b, 3, 32, 32)
+        x = torch.zeros(shape, dtype=dtype)
+        p = sample_mix(cfg, b, 1)
+        out = torch.empty_like(x)
+        with _CountOps() as mode_ops:
+            apply_mix(x, p, patch_size=8, layout=layout, out=out)
+        counts[b] = mode_ops.ops
+    assert counts[16] == counts[64] and 0 < len(counts[16]) <= 8, counts
+
+
+def test_stage_params_is_the_identity_on_cpu():
+    p = sample_mix(MixConfig.preset("maskmix", image_size=32, patch_size=8, mask_patch=16), 4, 0)
+    assert stage_params(p, "cpu") is p
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_stage_params_and_apply_mix_on_cuda_equal_cpu_without_sync():
+    cfg = MixConfig.preset("mixpro-official", image_size=(48, 80), patch_size=8, mask_patch=24, seed=1)
+    x = torch.randn(8, 3, 48, 80).half()
+    xd = x.cuda()
+    for k in range(8):
+        p = sample_mix(cfg, 8, k)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = apply_mix(xd, stage_params(p, xd.device), patch_size=8, layout="CHW")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(got.cpu(), apply_mix(x, p, patch_size=8, layout="CHW"))

@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixpro_dali import MODES, MixConfig, apply_mix, mix, sample_mix
+from mixpro_dali.operator import batch_view
 
 B = 8
 HAS_CUDA = torch.cuda.is_available()
@@ -23,27 +25,34 @@ def _shutdown_pipelines():
         _BUILT.pop()._shutdown()
 
 
-def source_images(size, layout, dtype, seed=0):
-    """Batch k: image i is constant 10*(i+1) + k, with a random label; pixels encode the index."""
+def source_images(size, layout, dtype, seed=0, batch=B, noise=False):
+    """Batch k: image i is constant 10*(i+1) + k, with a random label; pixels encode the index.
+    noise: random pixels instead (for bitwise comparisons of the blend)."""
     h, w = size
 
     def gen(info):
         k = info.iteration
-        ids = (np.arange(B) + 1) * 10 + k % 10
-        shape = (B, h, w, 3) if layout == "HWC" else (B, 3, h, w)
-        imgs = np.broadcast_to(ids.reshape(B, 1, 1, 1), shape).astype(dtype)
-        labels = np.random.default_rng(seed + k).integers(0, 1000, (B, 1)).astype(np.int32)
+        ids = (np.arange(batch) + 1) * 10 + k % 10
+        shape = (batch, h, w, 3) if layout == "HWC" else (batch, 3, h, w)
+        rng = np.random.default_rng(seed + k)
+        if noise:
+            imgs = (rng.random(shape) * 255).astype(dtype)
+        else:
+            imgs = np.broadcast_to(ids.reshape(batch, 1, 1, 1), shape).astype(dtype)
+        labels = rng.integers(0, 1000, (batch, 1)).astype(np.int32)
         return list(imgs), list(labels)
 
     return gen
 
 
-def build(cfg, *, layout="HWC", dtype=np.uint8, device="cpu", shard_id=0, start=0):
+def build(cfg, *, layout="HWC", dtype=np.uint8, device="cpu", shard_id=0, start=0, batch=B,
+          noise=False):
     ops = {}
 
-    @pipeline_def(batch_size=B, num_threads=1, device_id=0 if device == "gpu" else None, seed=1)
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=0 if device == "gpu" else None, seed=1)
     def pipe():
-        imgs, labels = fn.external_source(source_images(cfg.image_size, layout, dtype), num_outputs=2,
+        imgs, labels = fn.external_source(source_images(cfg.image_size, layout, dtype, batch=batch,
+                                                        noise=noise), num_outputs=2,
                                           batch=True, batch_info=True, layout=[layout, ""])
         if device == "gpu":
             imgs = imgs.gpu()
@@ -55,6 +64,7 @@ def build(cfg, *, layout="HWC", dtype=np.uint8, device="cpu", shard_id=0, start=
     _BUILT.append(p)
     ops["op"].set_batch_index(start)
     p.build()
+    p._mix_op = ops["op"]
     return p
 
 
@@ -98,19 +108,107 @@ def test_every_token_from_exactly_one_image(device, layout, dtype, partner):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_operator_equals_plain_torch_kernel(device):
-    """Also guards the CPU operator's reused output buffers: with DALI's prefetching, batch k+1
-    is mixed before batch k is read, so aliased outputs would show up here."""
-    cfg = MixConfig.preset("mixpro-official", image_size=(32, 32), patch_size=8, mask_patch=16, seed=5)
-    p = build(cfg, device=device, shard_id=3)
-    for k in range(6):
+@pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float16), ("CHW", np.float32)])
+def test_operator_equals_plain_torch_kernel(device, layout, dtype):
+    """Bitwise against `apply_mix` on every mode (mixpro-official: MaskMix, Mixup, CutMix) and on
+    random pixels. Also guards the CPU operator's reused output buffer: with DALI's prefetching,
+    batch k+1 is mixed before batch k is read, so aliased outputs would show up here."""
+    cfg = MixConfig.preset("mixpro-official", image_size=(32, 48), patch_size=8, mask_patch=16, seed=5)
+    p = build(cfg, device=device, shard_id=3, layout=layout, dtype=dtype, noise=True)
+    seen = set()
+    for k in range(10):
         x, labels, out, la, lb, lam, tmask, mode = run(p)
         ref = sample_mix(cfg, B, k, shard_id=3)
-        assert mode[0] == ref.mode
-        np.testing.assert_array_equal(out, apply_mix(torch.from_numpy(x), ref, patch_size=8).numpy())
+        seen.add(ref.mode)
+        assert (mode == ref.mode).all() and out.dtype == dtype
+        want = apply_mix(torch.from_numpy(x), ref, patch_size=8, layout=layout).numpy()
+        np.testing.assert_array_equal(out, want)
         np.testing.assert_array_equal(tmask, ref.token_mask.numpy())
         np.testing.assert_array_equal(lam, ref.lam.numpy())
+        np.testing.assert_array_equal(la, labels)
         np.testing.assert_array_equal(lb, labels[ref.partner.numpy()])
+    assert seen == {MODES["mixup"], MODES["cutmix"], MODES["maskmix"]}
+
+
+def test_unmixed_batches_of_a_mixing_config_pass_through():
+    cfg = MixConfig(image_size=16, patch_size=8, mask_patch=8, probs={"maskmix": 0.5}, seed=2)
+    p = build(cfg, layout="CHW", dtype=np.float16, noise=True)
+    modes = set()
+    for k in range(8):
+        x, labels, out, la, lb, lam, tmask, mode = run(p)
+        modes.add(int(mode[0]))
+        if mode[0] == MODES["none"]:
+            np.testing.assert_array_equal(out, x)
+            np.testing.assert_array_equal(lb, labels)
+            assert (lam == 1).all() and (tmask == 1).all()
+    assert modes == {MODES["none"], MODES["maskmix"]}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["maskmix", "cutmix", "mixup"])
+@pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float16)])
+def test_operator_ops_per_batch_do_not_grow_with_batch_size(mode, layout, dtype):
+    """Non-view torch ops dispatched per batch by the draw and the mix call together, counted
+    in a real pipeline: the same list at B=16 and B=64 (no per-sample loop)."""
+    cfg = MixConfig(image_size=16, patch_size=4, mask_patch=8, probs={mode: 1.0}, partner="perm")
+    seen = {}
+    for batch in (16, 64):
+        p = build(cfg, layout=layout, dtype=dtype, batch=batch)
+        op = p._mix_op
+        base, calls = type(op), []
+
+        def counted(method):
+            def f(self, *args):
+                with _CountOps() as c:
+                    r = method(self, *args)
+                calls.append((method.__name__, c.ops))
+                return r
+            return f
+
+        op.__class__ = type("Counted", (base,), {"__call__": counted(base.__call__),
+                                                 "draw": counted(base.draw)})
+        for _ in range(3):
+            run(p)
+        per_batch = [ops for name, ops in calls if name == "__call__"]
+        draws = [ops for name, ops in calls if name == "draw"]
+        assert len(per_batch) >= 3 and len(draws) >= 3     # DALI prefetches ahead
+        seen[batch] = (per_batch[-1], draws[-1])
+    assert seen[16] == seen[64] and len(seen[16][0]) <= 10, seen
+
+
+def test_batch_view_shares_back_to_back_samples_else_copies():
+    x = torch.arange(4 * 6, dtype=torch.float16).view(4, 2, 3)
+    v = batch_view(list(x.unbind(0)))
+    assert v.data_ptr() == x.data_ptr() and torch.equal(v, x)
+    apart = [torch.full((2, 3), float(i)) for i in range(4)]                # separate buffers
+    s = batch_view(apart)
+    assert torch.equal(s, torch.stack(apart)) and s.data_ptr() != apart[0].data_ptr()
+    swapped = [x[1], x[0], x[2], x[3]]                                      # out of order
+    assert torch.equal(batch_view(swapped), torch.stack(swapped))
+
+
+def test_a_config_that_never_mixes_adds_no_operator():
+    cfg = MixConfig(image_size=16, patch_size=8, mask_patch=8, probs={})
+    p = build(cfg, layout="CHW", dtype=np.float32)
+    for _ in range(3):
+        x, labels, out, la, lb, lam, tmask, mode = run(p)
+        np.testing.assert_array_equal(out, x)
+        np.testing.assert_array_equal(lb, labels)
+        assert lam.dtype == np.float32 and tmask.dtype == np.uint8 and mode.dtype == np.int32
+        assert (lam == 1).all() and tmask.shape == (B, 2, 2) and (tmask == 1).all() and (mode == 0).all()
+    assert p._mix_op.batch_index == 0                 # never called
+    assert build(MixConfig(image_size=16, patch_size=8, mask_patch=8), layout="CHW",
+                 dtype=np.float32)._mix_op.batch_index == 0
 
 
 def test_mixup_output_is_the_blend():
