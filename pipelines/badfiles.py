@@ -23,6 +23,9 @@ import warnings
 from collections import OrderedDict
 from typing import Iterable
 
+from .decode_worker import find_failures     # imported now: after a failed decode, every
+                                              # allocation risks a damaged heap
+
 __all__ = ["BadImageError", "sniff_format", "check_bytes", "read_source", "check_source",
            "SampleTracker", "explain_failure"]
 
@@ -218,8 +221,6 @@ def explain_failure(error: BaseException, candidates: Iterable[str] = (),
     subprocess, bisecting the batch, until the one it fails on is found (never with Pillow:
     Pillow decoding a JPEG 2000 next to DALI's failed decode of it kills the process).
     `root`: the data source, for the scan command suggested."""
-    from .decode_worker import find_failures
-
     hint = SCAN_HINT.format(root=root)
     msg = str(error)
     if not _DATA_ERROR.search(msg):
@@ -250,8 +251,6 @@ def explain_failure(error: BaseException, candidates: Iterable[str] = (),
 
 def _decoder_reason(path: str, backend: str, device_id: int | None) -> str:
     """Why the training decoder fails on `path` (asked in a subprocess)."""
-    from .decode_worker import find_failures
-
     try:
         reason = check_bytes(read_source(path), pil=False)   # empty, truncated, no image
     except (OSError, KeyError, tarfile.TarError) as e:

@@ -26,6 +26,7 @@ from .decode_worker import DecodeWorker, decode_files
 __all__ = ["deep_scan", "read_results", "STATUSES"]
 
 STATUSES = ("ok", "bad", "unverified")
+_GPU_WORKERS = 4
 
 
 def read_results(path: str | None) -> dict[str, tuple[str, str]]:
@@ -155,7 +156,10 @@ def _run_workers(paths: list[str], record, *, workers: int | None, backend: str,
     chunks: queue.SimpleQueue = queue.SimpleQueue()
     for i in range(0, len(paths), batch):
         chunks.put(paths[i:i + batch])
-    n = max(1, min(workers or os.cpu_count() or 1, -(-len(paths) // batch) or 1))
+    default = os.cpu_count() or 1
+    if backend == "gpu":
+        default = min(default, _GPU_WORKERS)      # each worker holds a CUDA context
+    n = max(1, min(workers or default, -(-len(paths) // batch) or 1))
     errors: list[BaseException] = []
 
     def work() -> None:
