@@ -142,7 +142,8 @@ class ClassAttnFamily(Family):
         h = attn.num_heads
         q_cls = q.reshape(B, h, C // h)  # (B, heads, d)
         k = k.reshape(B, N, h, C // h).transpose(1, 2)  # (B, heads, N, d)
-        return q_cls, k, (C // h) ** -0.5 if attn.fused_attn else attn.scale
+        scale = (C // h) ** -0.5 if attn.fused_attn else attn.scale  # SDPA default
+        return q_cls, k, scale
 
 
 FAMILIES: tuple[Family, ...] = (
