@@ -52,7 +52,10 @@ def pillow_images() -> Path | str:
     prefix = f"pillow-{version}/Tests/images/"
     with tarfile.open(sdist) as tf:
         members = [m for m in tf.getmembers() if m.name.startswith(prefix) and m.isfile()]
-        tf.extractall(CACHE, members=members, filter="data")
+        try:
+            tf.extractall(CACHE, members=members, filter="data")
+        except TypeError:                      # Python without tarfile filters
+            tf.extractall(CACHE, members=members)
     return images
 
 
