@@ -42,6 +42,9 @@ Options (--opt VALUE or --opt=VALUE):
                         the calling shell are passed on by themselves
   --docker-arg ARG      one more argument for docker run (repeatable),
                         e.g. --docker-arg=--device=/dev/infiniband
+  --no-memlock          do not ask for an unlimited locked-memory limit (--ulimit memlock=-1,
+                        for pinned memory and RDMA); for daemons that may not raise it
+                        (rootless Docker, locked-down hosts: "error setting rlimit type 8")
   --dry-run             print the docker command instead of running it
   -h, --help            this help
 EOF
@@ -59,7 +62,7 @@ is_posint() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 # Option values, empty when not given.
 image=${MIXPRO_IMAGE:-$DEFAULT_IMAGE} data="" train_dir=train val_dir=val output="" config=""
 gpus=all nproc="" nnodes=1 node_rank="" master_addr="" master_port="" shm_size=16g user=""
-dry_run=0 command=""
+dry_run=0 memlock=1 command=""
 envs=() docker_args=() extra=()
 
 set_option() { # NAME VALUE
@@ -101,6 +104,7 @@ parse_args() {
             --) shift; extra=("$@"); return ;;
             -h | --help) usage; exit 0 ;;
             --dry-run) dry_run=1; shift; continue ;;
+            --no-memlock) memlock=0; shift; continue ;;
             --*=*) name=${arg%%=*}; value=${arg#*=}; shift ;;
             -*)
                 name=$arg
@@ -276,8 +280,9 @@ esac
 program+=("${extra[@]+"${extra[@]}"}")
 
 # --- docker run -----------------------------------------------------------------------------
-cmd=(docker run --rm --init "${docker_gpus[@]}" --shm-size "$shm_size"
-    --ulimit memlock=-1 --ulimit stack=67108864 "${user_args[@]+"${user_args[@]}"}")
+cmd=(docker run --rm --init "${docker_gpus[@]}" --shm-size "$shm_size")
+((memlock == 0)) || cmd+=(--ulimit memlock=-1)
+cmd+=(--ulimit stack=67108864 "${user_args[@]+"${user_args[@]}"}")
 # Several nodes: NCCL and the rendezvous reach the other nodes over the host's interfaces.
 if ((nnodes > 1)); then cmd+=(--network host); fi
 if [[ $command == shell ]]; then
@@ -302,4 +307,18 @@ if [[ -n $output && ! -d $output ]]; then
     # A root caller runs the container as the image's user: hand it the folder we just made.
     if [[ $user == image && $(id -u) == 0 ]]; then chown "$IMAGE_UID:$IMAGE_UID" "$output"; fi
 fi
+# runc reports a refused memlock limit only as "error setting rlimit type 8: operation not
+# permitted": docker's stderr passes through a filter that adds what to do. exec keeps docker
+# the process that gets the signals (Ctrl-C, Slurm's SIGTERM).
+explain_rlimit() {
+    local line
+    while IFS= read -r line || [[ -n $line ]]; do
+        printf '%s\n' "$line" >&2
+        if [[ $line == *"error setting rlimit"* ]]; then
+            printf '%s: error: the Docker daemon may not raise the locked-memory limit for ' "$PROG" >&2
+            printf '%s\n' "--ulimit memlock=-1 (rootless Docker, a locked-down host); run again with --no-memlock" >&2
+        fi
+    done
+}
+if ((memlock)); then exec "${cmd[@]}" 2> >(explain_rlimit); fi
 exec "${cmd[@]}"

@@ -1,6 +1,6 @@
-"""docker/: lint, pins against pyproject.toml, the launcher's arguments, the smoke check.
+"""docker/ without an engine: lint, pins against pyproject.toml, the launcher's arguments, the
+smoke check. (The image itself is built and run by tests/test_docker_image.py.)
 
-There is no Docker engine in CI, so the image is never built here. What is checked instead:
 hadolint on the Dockerfile, shellcheck on launch.sh, the image's pins equal pyproject's, and the
 docker/torchrun command lines that `launch.sh --dry-run` prints (torchrun's part is parsed by
 torch's own torchrun parser). `python -m mixpro_dali.smoke` runs on this machine's CPU.
@@ -75,11 +75,22 @@ def test_image_pins_equal_pyproject():
 
 
 def test_image_python_satisfies_requires_python():
-    tags = re.findall(r"^FROM python:(\d+)\.(\d+)-", DOCKERFILE.read_text(), re.M)
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.M).group(1)
+    tag = re.fullmatch(r"python:(\d+)\.(\d+)-slim-bookworm", base)
     floor = re.fullmatch(r">=(\d+)\.(\d+)", PYPROJECT["project"]["requires-python"])
-    assert tags and floor
-    for tag in tags:
-        assert tuple(map(int, tag)) >= tuple(map(int, floor.groups()))
+    assert tag and floor, base
+    assert tuple(map(int, tag.groups())) >= tuple(map(int, floor.groups()))
+
+
+def test_base_is_a_build_argument_and_no_frontend_is_fetched():
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M), "a # syntax line fetches a frontend image"
+    assert text.index("ARG BASE_IMAGE=") < text.index("\nFROM ")
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    assert "RUN --mount=" in text       # needs BuildKit, which the README must say
+    readme = (ROOT / "docker" / "README.md").read_text()
+    assert "BuildKit" in readme and "DOCKER_BUILDKIT=1 docker build" in readme
+    assert "--build-arg BASE_IMAGE=" in readme
 
 
 def test_dockerfile_runs_as_non_root_and_keeps_no_pip_cache():
@@ -286,6 +297,33 @@ def test_python_entry_points(command, program, dataset):
     docker, got = split(dry_run(command, "--data", str(dataset), "--", "--batch-size", "256"))
     assert got == program
     assert ("-i" in docker) == (command == "shell")
+
+
+def test_no_memlock_drops_the_ulimit():
+    assert "memlock=-1" in option(split(dry_run("smoke"))[0], "--ulimit")
+    docker, _ = split(dry_run("--no-memlock", "smoke"))
+    assert option(docker, "--ulimit") == ["stack=67108864"]
+
+
+RLIMIT_ERROR = ("docker: Error response from daemon: failed to create shim task: OCI runtime "
+                "create failed: runc create failed: unable to start container process: error "
+                "during container init: error setting rlimit type 8: operation not permitted: "
+                "unknown.")
+
+
+@pytest.mark.parametrize("flags, hint", [((), True), (("--no-memlock",), False)])
+def test_a_refused_memlock_limit_is_explained(tmp_path, flags, hint):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text(f"#!/bin/sh\necho 'from the container'\n"
+                                 f"echo '{RLIMIT_ERROR}' >&2\nexit 125\n")
+    (fake / "docker").chmod(0o755)
+    result = launch(*flags, "--gpus", "none", "smoke",
+                    env=launch_env(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}"))
+    assert result.returncode == 125
+    assert result.stdout == "from the container\n"
+    assert result.stderr.startswith(RLIMIT_ERROR + "\n")
+    assert ("run again with --no-memlock" in result.stderr) == hint
 
 
 def test_smoke_without_gpus_does_not_require_one():
