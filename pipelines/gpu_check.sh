@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check, for any CUDA machine with DALI installed (`pip install -e .` installs it):
-# prints the DALI / torch / CUDA versions, then runs every GPU check and benchmark into $OUT
-# (default gpu_check_out/, ~6 min). results/bench/README.md describes the checks.
-#   OUT=gpu_check_out bash pipelines/gpu_check.sh [--budget 300 --skip train]
-# Extra arguments go to `python3 -m pipelines.gpu_check`. On a machine without network access,
-# DALI can come from local wheels: if it is missing, .devwheels/INSTALL.txt (an install command
-# for wheels copied next to it) is run first.
+# The GPU check on any CUDA machine with DALI installed: python -m pipelines.gpu_check into
+# $OUT (default gpu_check_out), about 7 minutes on one H100/H200-class GPU (--time-limit 420).
+#   bash pipelines/gpu_check.sh [--time-limit S] [--only a,b] [--skip a,b]
+# results/bench/README.md describes the steps. On a machine without network access DALI can
+# come from local wheels: if it is missing, .devwheels/INSTALL.txt (an install command for
+# wheels copied next to it) is run first; else the script says how to install it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu_check_out}
 if ! python3 -c "import nvidia.dali" 2>/dev/null; then
-    [[ -f .devwheels/INSTALL.txt ]] || {
-        echo "gpu_check.sh: DALI is not installed and .devwheels/INSTALL.txt is missing;" \
-             "install it with: pip install -e . (or pip install nvidia-dali-cuda120==2.4.0)" >&2
+    if [[ -f .devwheels/INSTALL.txt ]]; then
+        t0=$SECONDS
+        eval "$(cat .devwheels/INSTALL.txt)"
+        echo "DALI installed in $((SECONDS - t0)) s"
+    else
+        echo "gpu_check.sh: DALI is not installed; install it with: pip install -e ." \
+             "(or pip install nvidia-dali-cuda120==2.4.0), then rerun" >&2
         exit 2
-    }
-    t0=$SECONDS
-    eval "$(cat .devwheels/INSTALL.txt)"
-    echo "DALI installed in $((SECONDS - t0)) s"
+    fi
 fi
-python3 -c "import nvidia.dali as d, torch; print('DALI', d.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-exec python3 -m pipelines.gpu_check --out "$out" "$@"
+exec python3 -m pipelines.gpu_check --out "${OUT:-gpu_check_out}" "$@"
