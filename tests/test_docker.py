@@ -88,6 +88,8 @@ def test_base_is_a_build_argument_and_no_frontend_is_fetched():
     assert text.index("ARG BASE_IMAGE=") < text.index("\nFROM ")
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
     assert "RUN --mount=" in text       # needs BuildKit, which the README must say
+    stages = text.split("\nFROM ")[1:]  # a mirror's PIP_INDEX_URL reaches both stages' pip
+    assert all(re.search(r"^ARG PIP_INDEX_URL$", st, re.M) for st in stages)
     readme = (ROOT / "docker" / "README.md").read_text()
     assert "BuildKit" in readme and "DOCKER_BUILDKIT=1 docker build" in readme
     assert "--build-arg BASE_IMAGE=" in readme
