@@ -57,13 +57,15 @@ class _Interface:
         setattr(self, name, interface)
 
 
-def batch_view(samples: list[torch.Tensor]) -> torch.Tensor:
-    """(B, ...) tensor over `samples`: a zero-copy view when they are equally shaped and lie back
-    to back in one buffer (valid while they are), else a stacked copy."""
+def batch_view(samples: list[torch.Tensor], *, same_shape: bool = False) -> torch.Tensor:
+    """(B, ...) tensor over `samples`: a zero-copy view when they are equally shaped (checked
+    unless `same_shape`) and lie back to back in one buffer (valid while they are), else a
+    stacked copy."""
     first = samples[0]
     nbytes, ptr = first.numel() * first.element_size(), first.data_ptr()
     typestr = _TYPESTR.get(first.dtype)
-    if (typestr is None or not first.is_contiguous() or len({s.shape for s in samples}) != 1
+    if (typestr is None or not first.is_contiguous()
+            or (not same_shape and len({s.shape for s in samples}) != 1)
             or [s.data_ptr() for s in samples] != list(range(ptr, ptr + nbytes * len(samples),
                                                               max(nbytes, 1)))):
         return torch.stack(samples)
@@ -166,7 +168,7 @@ class MaskMixOperator:
                                  f"{self.config.image_size[0]}x{self.config.image_size[1]} "
                                  f"(MixConfig.image_size), got shapes "
                                  f"{sorted({tuple(s.shape) for s in samples})}")
-            batch = self._check(batch_view(samples))
+            batch = self._check(batch_view(samples, same_shape=True))
             if params.mode != MODES["none"]:               # none: DALI copies its inputs back
                 batch = apply_mix(batch, stage_params(params, batch.device),
                                   patch_size=self.config.patch_size, layout=self.layout,

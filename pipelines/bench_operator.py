@@ -5,13 +5,15 @@
 
 Three proxies (no GPU needed; what a GPU run would pay per batch in Python and in launches):
 - ops: non-view torch ops dispatched per batch by the operator (its draw and its mix call),
-  counted with a TorchDispatchMode, at B = 16, 64 and 256 (3x16x16 float32 CHW, patch 4, cell 8);
-- time: the operator's Python time per batch at B = 256 on those small tensors (wall and thread
-  CPU, median over the timed batches), per mode;
+  counted with a TorchDispatchMode, at B = 16, 64 and 256 (3x8x8 float32 CHW, patch 4, cell 4);
+- time: the operator's Python time per batch at B = 256 on those small tensors, where the
+  kernels' own work is negligible (wall and thread CPU, median over the timed batches), per mode;
 - share: the operator's share of the CPU training pipeline's CPU time (`TrainLoader`, full DeiT
   recipe, 224 px, batch 64, 2 threads, generated ImageNet-like JPEGs), presets maskmix (every
   batch) and mixpro.
-Each measurement runs in a fresh subprocess whose PYTHONPATH is the tree measured; with
+torch runs single-threaded in every measurement, as in `pipelines.bench` (on a CPU pipeline the
+operator shares the cores with DALI's threads). Each tree is measured in fresh subprocesses
+(one for ops and time, one for the share) whose PYTHONPATH is that tree; with
 --baseline the two trees alternate (A B, B A, ...) and ratios are taken within a round, since
 the development machine is shared. Writes operator-cpu.json and operator-cpu.md to --out.
 """
@@ -30,7 +32,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 MODES = ("maskmix", "cutmix", "mixup", "unmixed", "never")
-SMALL = dict(image_size=16, patch_size=4, mask_patch=8)
+SMALL = dict(image_size=8, patch_size=4, mask_patch=4)
 
 
 # ---------------------------------------------------------------- worker (runs in the tree)
@@ -84,7 +86,7 @@ def _small_pipeline(mode: str, batch: int):
     probs = {"unmixed": {"maskmix": 1e-9}, "never": {}}.get(mode, {mode: 1.0})
     cfg = MixConfig(probs=probs, partner="perm", seed=1, **SMALL)
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)
+    images = rng.standard_normal((batch, 3, *cfg.image_size)).astype(np.float32)
     labels = rng.integers(0, 1000, (batch, 1)).astype(np.int32)
     held = {}
 
@@ -118,7 +120,12 @@ def _run_small(mode: str, batch: int, batches: int, count: bool) -> dict[str, An
            "ms_cpu": 1e3 * statistics.median(cpu) if cpu else 0.0,
            "ms_call": 1e3 * statistics.median(t[0] for t in times["__call__"])
            if times["__call__"] else 0.0,
-           "ms_draw": 1e3 * statistics.median(t[0] for t in times["draw"]) if times["draw"] else 0.0}
+           "ms_draw": 1e3 * statistics.median(t[0] for t in times["draw"]) if times["draw"] else 0.0,
+           "ms_call_cpu": 1e3 * statistics.median(t[1] for t in times["__call__"])
+           if times["__call__"] else 0.0,
+           "ms_call_cpu_min": 1e3 * min(t[1] for t in times["__call__"]) if times["__call__"] else 0.0,
+           "ms_draw_cpu": 1e3 * statistics.median(t[1] for t in times["draw"])
+           if times["draw"] else 0.0}
     if count:
         res["ops_call"] = max(counts["__call__"], default=0)
         res["ops_draw"] = max(counts["draw"], default=0)
@@ -165,10 +172,16 @@ def _run_share(preset: str, data: str, batches: int) -> dict[str, Any]:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
     if spec["kind"] == "small":
-        return {str(b): _run_small(spec["mode"], b, spec["batches"], spec["count"])
-                for b in spec["sizes"]}
-    return _run_share(spec["preset"], spec["data"], spec["batches"])
+        res = {}
+        for m in MODES:
+            res[f"small/{m}"] = {str(b): _run_small(m, b, 4, True) for b in (16, 64, 256)}
+            res[f"time/{m}"] = {"256": _run_small(m, 256, spec["batches"], False)}
+        return res
+    return {f"share/{p}": _run_share(p, spec["data"], spec["batches"]) for p in ("maskmix", "mixpro")}
 
 
 # ---------------------------------------------------------------- driver
@@ -187,27 +200,20 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def measure(trees: dict[str, Path], a: argparse.Namespace, log=print) -> dict[str, Any]:
-    specs = [(f"small/{m}", {"kind": "small", "mode": m, "sizes": [16, 64, 256], "count": True,
-                             "batches": 4}) for m in MODES]
-    specs += [(f"time/{m}", {"kind": "small", "mode": m, "sizes": [256], "count": False,
-                             "batches": a.time_batches}) for m in MODES]
-    data = None
+    specs = [{"kind": "small", "batches": a.time_batches}]
     if not a.skip_share:
         from pipelines.imagenet_like import make_imagenet_like
 
         data = str(make_imagenet_like(Path(a.tmp) / "data", a.images, workers=2))
-        specs += [(f"share/{p}", {"kind": "share", "preset": p, "data": data,
-                                  "batches": a.share_batches}) for p in ("maskmix", "mixpro")]
+        specs.append({"kind": "share", "data": data, "batches": a.share_batches})
     rounds = []
     names = list(trees)
     for r in range(a.rounds):
         order = names if r % 2 == 0 else names[::-1]
         row: dict[str, dict[str, Any]] = {n: {} for n in names}
-        for key, spec in specs:
-            if key.startswith("small/") and r > 0:
-                continue                   # op counts are exact: one round is enough
+        for spec in specs:
             for n in order:
-                row[n][key] = _spawn(trees[n], spec)
+                row[n].update(_spawn(trees[n], spec))
         rounds.append(row)
         log(f"round {r + 1}/{a.rounds} done")
     return {"rounds": rounds}
@@ -222,7 +228,9 @@ def summarize(payload: dict[str, Any], names: list[str]) -> dict[str, Any]:
             small = rounds[0][n][f"small/{m}"]
             d[f"ops/{m}"] = {b: small[b]["ops"] for b in ("16", "64", "256")}
             d[f"ms_wall/{m}"] = statistics.median(r[n][f"time/{m}"]["256"]["ms_wall"] for r in rounds)
-            d[f"ms_cpu/{m}"] = statistics.median(r[n][f"time/{m}"]["256"]["ms_cpu"] for r in rounds)
+            for key in ("ms_cpu", "ms_call_cpu", "ms_call_cpu_min", "ms_draw_cpu"):
+                d[f"{key}/{m}"] = statistics.median(r[n][f"time/{m}"]["256"].get(key, 0.0)
+                                                    for r in rounds)
         for p in ("maskmix", "mixpro"):
             if f"share/{p}" in rounds[0][n]:
                 d[f"share/{p}"] = statistics.median(r[n][f"share/{p}"]["op_cpu_share"] for r in rounds)
@@ -232,9 +240,10 @@ def summarize(payload: dict[str, Any], names: list[str]) -> dict[str, Any]:
         base, cur = names
         ratios = {}
         for m in MODES:
-            ratios[f"ms_wall/{m}"] = statistics.median(
-                _ratio(r[cur][f"time/{m}"]["256"]["ms_wall"], r[base][f"time/{m}"]["256"]["ms_wall"])
-                for r in rounds)
+            for key in ("ms_wall", "ms_cpu"):
+                ratios[f"{key}/{m}"] = statistics.median(
+                    _ratio(r[cur][f"time/{m}"]["256"][key], r[base][f"time/{m}"]["256"][key])
+                    for r in rounds)
         for p in ("maskmix", "mixpro"):
             if f"share/{p}" in rounds[0][cur]:
                 ratios[f"cpu_ms_per_img/{p}"] = statistics.median(
@@ -259,10 +268,17 @@ def table(summary: dict[str, Any], names: list[str]) -> str:
                      + " | ".join(f"{o['16']} / {o['64']} / {o['256']}" for o in ops)
                      + (" | |" if len(names) == 2 else " |"))
     for m in MODES:
-        lines.append(f"| Python ms per batch at B=256 (wall; thread CPU), {m} | "
-                     + " | ".join(f"{summary[n][f'ms_wall/{m}']:.2f}; {summary[n][f'ms_cpu/{m}']:.2f}"
+        lines.append(f"| Python ms per batch at B=256, {m}: thread CPU (wall) | "
+                     + " | ".join(f"{summary[n][f'ms_cpu/{m}']:.2f} ({summary[n][f'ms_wall/{m}']:.2f})"
                                   for n in names)
-                     + (f" | {fmt(ratios.get(f'ms_wall/{m}'))} |" if len(names) == 2 else " |"))
+                     + (f" | {fmt(ratios.get(f'ms_cpu/{m}'))} ({fmt(ratios.get(f'ms_wall/{m}'))}) |"
+                        if len(names) == 2 else " |"))
+    for m in MODES:
+        lines.append(f"| of which the mix call, {m}: CPU median (min); the draw | "
+                     + " | ".join(f"{summary[n][f'ms_call_cpu/{m}']:.2f} "
+                                  f"({summary[n][f'ms_call_cpu_min/{m}']:.2f}); "
+                                  f"{summary[n][f'ms_draw_cpu/{m}']:.2f}" for n in names)
+                     + (" | |" if len(names) == 2 else " |"))
     for p in ("maskmix", "mixpro"):
         if f"share/{p}" in summary[names[0]]:
             lines.append(f"| operator share of CPU pipeline CPU time, {p} | "
