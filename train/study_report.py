@@ -178,7 +178,7 @@ def _plot_epochs(summary: dict[str, Any], out: Path, plot_curves, title: str) ->
                   for col in cols}
         plot_curves(panels, out / name, xlabel="epoch", ylabel=ylabel,
                     title=f"{title}: training / validation loss, mean +- std over seeds")
-    pal_cols = ("train_pal_alpha_mean", "train_pal_lam_attn", "train_pal_lam_area")
+    pal_cols = ("train_pal_alpha_mean", "train_pal_alpha_std", "train_pal_lam_shift")
     pal = {m: c for m, c in with_curves.items()
            if any(k in c and np.isfinite(c[k]["mean"]).any() for k in pal_cols)}
     if pal:
@@ -186,7 +186,8 @@ def _plot_epochs(summary: dict[str, Any], out: Path, plot_curves, title: str) ->
                   for k in pal_cols}
         plot_curves({k: v for k, v in panels.items() if v}, out / "alpha.png", xlabel="epoch",
                     ylabel="per-epoch mean",
-                    title=f"{title}: PAL alpha and lambdas per epoch, mean +- std over seeds")
+                    title=f"{title}: PAL alpha (mean, std) and |lam - lam_area| per epoch, "
+                          "mean +- std over seeds")
 
 
 def _fmt(ms: dict[str, Any] | None, scale: float = 100.0, digits: int = 2) -> str:
