@@ -17,8 +17,9 @@ function gets, per input, a list of one DLPack capsule per sample and must retur
 list of one capsule per sample; a single batch tensor is not accepted as an output. So one
 `from_dlpack` per input sample and one `to_dlpack` per output sample is the floor, and only the
 images go through Python (B + B conversions; the earlier operator made 2B + 5B). When DALI's
-samples lie back to back in one buffer (what its CPU and GPU operators produce) the batch is
-viewed in place through the array interface, else stacked (one copy). DALI copies the returned
+samples lie back to back in one buffer (as its CPU normalize and the erasing operator produce;
+not yet seen on a GPU) the batch is viewed in place through the array interface, else stacked
+(one copy). DALI copies the returned
 samples into its own buffers (on the CPU before the call returns, so output buffers are reused;
 on the GPU asynchronously on its stream, so each call allocates from torch's caching allocator
 on that same stream, which orders the reuse). On the GPU the work is enqueued on DALI's stream
