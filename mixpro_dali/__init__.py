@@ -10,12 +10,12 @@ from .ca_models import CA_MODELS, CaPyramidVisionTransformerV2, CaSwinTransforme
 from .config import MODES, PRESETS, MixConfig
 from .labels import (MixTargets, attn_lambda, mix_targets, pal_alpha, pool_token_mask,
                      soft_target_cross_entropy)
-from .masks import MixParams, apply_mix, area_lambda, sample_mix, stage_params
+from .masks import MixParams, apply_mix, area_lambda, mix_samples, sample_mix, stage_params
 from .operator import MaskMixOperator, MixOutputs, mix
 
 __all__ = [
     "MODES", "PRESETS", "MixConfig", "MixParams", "apply_mix", "area_lambda", "stage_params",
-    "sample_mix",
+    "mix_samples", "sample_mix",
     "MaskMixOperator", "MixOutputs", "mix",
     "ClsAttention", "FAMILIES", "check_mask_patch", "CA_MODELS", "CaSwinTransformer",
     "CaPyramidVisionTransformerV2", "MixTargets", "attn_lambda", "mix_targets", "pal_alpha",

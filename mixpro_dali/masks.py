@@ -12,6 +12,7 @@ keeps one token of four, MixPro Eq. 3: x_mix = M * x_a + (1 - M) * x_b).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -217,3 +218,21 @@ def apply_mix(images: torch.Tensor, params: MixParams, *, patch_size: int, layou
     rows, index = _token_rows(images, params.token_mask.to(dev), partner, patch_size, layout)
     torch.index_select(rows, 0, index, out=out.view(rows.shape))
     return out
+
+
+def mix_samples(samples: Sequence[torch.Tensor], params: MixParams, *, patch_size: int,
+                layout: str = "HWC", out: Sequence[torch.Tensor] | None = None
+                ) -> list[torch.Tensor]:
+    """`apply_mix` for a batch given as its B samples (same shape, dtype and device): returns B
+    tensors, written into ``out[i]`` when given, else new ones; ``none`` returns the inputs
+    themselves. Kept for code written against the per-sample operator; the operator itself
+    mixes the dense batch."""
+    samples = list(samples)
+    if params.mode == MODES["none"]:
+        return samples
+    mixed = apply_mix(torch.stack(samples), params, patch_size=patch_size, layout=layout)
+    if out is None:
+        return list(mixed.unbind(0))
+    for o, m in zip(out, mixed.unbind(0)):
+        o.copy_(m)
+    return list(out)

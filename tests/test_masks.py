@@ -6,7 +6,8 @@ from scipy import stats
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixpro_dali import MODES, MixConfig, apply_mix, area_lambda, sample_mix, stage_params
+from mixpro_dali import (MODES, MixConfig, apply_mix, area_lambda, mix_samples, sample_mix,
+                         stage_params)
 from mixpro_dali.masks import cells_to_tokens
 
 SIZES = [  # (image_size, patch, cell): dividing and non-dividing cells, non-square images
@@ -365,3 +366,25 @@ def test_stage_params_and_apply_mix_on_cuda_equal_cpu_without_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(got.cpu(), apply_mix(x, p, patch_size=8, layout="CHW"))
+
+
+@pytest.mark.parametrize("mode", ["maskmix", "mixup", "cutmix"])
+def test_mix_samples_is_apply_mix_per_sample(mode):
+    """The per-sample entry point (public since 0.1) gives apply_mix's batch, into `out` too."""
+    cfg = MixConfig.preset("mixpro", image_size=32, patch_size=8, mask_patch=16,
+                           probs={mode: 1.0})
+    params = sample_mix(cfg, 4, batch_index=2)
+    images = torch.rand(4, 32, 32, 3)
+    want = apply_mix(images, params, patch_size=8)
+    got = mix_samples(images.unbind(0), params, patch_size=8)
+    assert torch.equal(torch.stack(got), want)
+    out = [torch.full_like(images[0], -1.0) for _ in range(4)]
+    res = mix_samples(list(images.unbind(0)), params, patch_size=8, out=out)
+    assert all(r is o for r, o in zip(res, out)) and torch.equal(torch.stack(out), want)
+
+
+def test_mix_samples_none_returns_the_inputs():
+    params = sample_mix(MixConfig.preset("none", image_size=32, patch_size=8), 3, batch_index=0)
+    samples = list(torch.rand(3, 3, 32, 32).unbind(0))
+    assert all(a is b for a, b in zip(mix_samples(samples, params, patch_size=8, layout="CHW"),
+                                       samples))
