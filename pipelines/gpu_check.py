@@ -218,8 +218,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: cuda when nvidia-smi is on the PATH")
     p.add_argument("--time-limit", type=float, default=420, help="seconds for the whole run")
     p.add_argument("--quick", action="store_true", help="tiny sizes (the CPU test of the script)")
-    p.add_argument("--only", default="", help="comma list of steps to run (default: all)")
-    p.add_argument("--skip", default="", help="comma list of steps to leave out")
+    steps = ", ".join(STEPS)                      # the help lists the real steps, in order
+    p.add_argument("--only", default="", help=f"comma list of steps to run (default: all: {steps})")
+    p.add_argument("--skip", default="", help=f"comma list of steps to leave out ({steps})")
     p.add_argument("--data", type=Path, default=None, help="JPEG tree (default: generated, kept "
                    "in the temp folder for reruns)")
     p.add_argument("--work", type=Path, default=None,

@@ -4,6 +4,7 @@ with a stack dump while later steps still run, and that the comparisons catch a 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -114,3 +115,13 @@ def test_gpu_check_script_on_cpu(tmp_path):
     for bench in ("pipeline_full", "pipeline_plain", "train_bench"):   # tables travel inside
         assert report["steps"][bench]["results"], bench
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log"]
+
+
+def test_only_and_skip_help_list_every_step(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]   # after usage
+    for flag in ("--only", "--skip"):
+        help_ = text.split(f"{flag} {flag[2:].upper()}", 1)[1].split(" --", 1)[0]
+        listed = [s.strip(" ()") for s in re.split(r"[:(]", help_)[-1].split(",")]
+        assert listed == list(gpu_check.STEPS), (flag, help_)
