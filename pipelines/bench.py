@@ -23,15 +23,18 @@ Without --data, ImageNet-like JPEGs (pipelines.imagenet_like) are written to a t
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .bench_report import (MemorySampler, cpu_seconds, machine_info, markdown_table,
                            median_ratios, settle, write_outputs)
+from .compat import shutdown_dataloader_workers
 
 __all__ = ["CONFIGS", "RECIPES", "bench_dali", "bench_torchvision", "run_pipeline_bench", "main"]
 
@@ -164,9 +167,11 @@ def bench_torchvision(data: Path, *, batch: int, workers: int, size: int, device
     transform = create_transform(size, is_training=True, interpolation="bicubic", color_jitter=None,
                                  re_mode="pixel", **RECIPES[recipe])
     dataset = ImageFolder(str(data), transform=_RetryPosterize(transform))
+    worker_pids = multiprocessing.Array("q", max(workers, 1))     # each worker writes its pid
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=device == "cuda")
+                                         pin_memory=device == "cuda",
+                                         worker_init_fn=partial(_note_pid, worker_pids))
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1,
                   num_classes=len(dataset.classes))
 
@@ -179,14 +184,14 @@ def bench_torchvision(data: Path, *, batch: int, workers: int, size: int, device
                 yield len(x)
 
     def pids():
-        return [os.getpid(), *(w.pid for w in getattr(loader._iterator, "_workers", []))]
+        return [os.getpid(), *(p for p in worker_pids[:] if p)]
 
-    def close():
-        it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+    return Runner(gen(), pids, _sync(device), None, partial(shutdown_dataloader_workers, loader),
+                  prefetched=2 * workers)
 
-    return Runner(gen(), pids, _sync(device), None, close, prefetched=2 * workers)
+
+def _note_pid(pids: Any, worker_id: int) -> None:
+    pids[worker_id] = os.getpid()
 
 
 def build(name: str, data: Path, a: argparse.Namespace) -> Runner:

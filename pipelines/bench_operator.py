@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .compat import shutdown_pipeline
+
 HERE = Path(__file__).resolve().parent
 MODES = ("maskmix", "cutmix", "mixup", "unmixed", "never")
 SMALL = dict(image_size=8, patch_size=4, mask_patch=4)
@@ -112,7 +114,7 @@ def _run_small(mode: str, batch: int, batches: int, count: bool) -> dict[str, An
     _instrument(op, counts, times)
     for _ in range(batches):
         p.run()
-    p._shutdown()                          # python operators: shut down before collection
+    shutdown_pipeline(p)                   # python operators: shut down before collection
     n = min(len(times["__call__"]) or batches, batches)
     per = [sum(times[k][i][0] for k in times if len(times[k]) > i) for i in range(n)]
     cpu = [sum(times[k][i][1] for k in times if len(times[k]) > i) for i in range(n)]

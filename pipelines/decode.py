@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .compat import resize_aa_into
+
 __all__ = ["INTERPOLATIONS", "BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "DTYPES",
            "decode_random_crop", "decode", "resize_train", "resize_shorter", "normalize",
            "guard"]
@@ -115,9 +117,7 @@ class TorchResize:
         if self.mode == "nearest":
             target.copy_(F.interpolate(x, size=size, mode="nearest"))
         else:  # written straight into HWC: interpolate's NCHW result + a permuting copy cost 2.6x
-            kernel = (torch.ops.aten._upsample_bicubic2d_aa if self.mode == "bicubic"
-                      else torch.ops.aten._upsample_bilinear2d_aa)
-            kernel.out(x, list(size), False, None, None, out=target)
+            resize_aa_into(x, size, self.mode, target)
         return to_dlpack(out)
 
     def __call__(self, samples: list) -> list:

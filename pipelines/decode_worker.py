@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Callable, Iterable, Sequence
 
+from .compat import shutdown_pipeline
+
 __all__ = ["DecodeWorker", "find_failures", "decode_files", "crash_reason"]
 
 _MAX_BATCH = 64
@@ -75,7 +77,7 @@ class _Decoder:
             self.pipe.feed_input("encoded", [np.frombuffer(b, np.uint8) for b in blobs])
             (out,) = self.pipe.run()
         except Exception:
-            self.pipe._shutdown()
+            shutdown_pipeline(self.pipe)
             self.pipe = None
             raise
         if self.backend == "gpu":

@@ -21,6 +21,8 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 
+from .compat import conditionals_enabled
+
 __all__ = ["random_erasing", "MODES", "KERNELS", "PixelEraser"]
 
 MODES = ("pixel", "rand", "const")
@@ -150,9 +152,7 @@ def random_erasing(images: DataNode, *, prob: float = 0.25, mode: str = "pixel",
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if not isinstance(images, DataNode):
         raise TypeError(f"images must be a DALI DataNode (inside @pipeline_def), got {type(images)}")
-    from nvidia.dali._conditionals import conditionals_enabled
-
-    if not conditionals_enabled():
+    if conditionals_enabled() is False:
         raise ValueError("random_erasing needs @pipeline_def(enable_conditionals=True)")
     if prob == 0:
         return images

@@ -8,7 +8,7 @@ checkpoint steps. Every function returns a JSON-able dict with "ok"; `device` is
              (mode, lam, token_mask, labels) identical; images identical for none / CutMix /
              MaskMix, within one uint8 level (1e-2 in float16) for Mixup.
   poison     stream correctness: a GPU producer op before the MaskMix operator fills its output
-             with a poison value, spins ~50 ms (torch.cuda._sleep) and only then writes the real
+             with a poison value, spins ~50 ms (compat.cuda_spin) and only then writes the real
              image, all on DALI's stream without a host sync. A mixer that read its input on
              another stream, or before the producer finished, returns poison. The negative
              control does the slow write on a side stream and must be caught (else the check
@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .compat import cuda_spin, shutdown_pipeline
 
 B = 8
 _PIPES: list = []      # every pipeline a step built, shut down when the step ends
@@ -79,7 +81,7 @@ def _producer(poison: bool, side_stream: bool) -> Callable:
             ctx = torch.cuda.stream(dali)
         with ctx:
             if poison:
-                torch.cuda._sleep(80_000_000)                     # ~40-50 ms at 1.7-2 GHz
+                cuda_spin(80_000_000)                             # ~40-50 ms at 1.7-2 GHz
             out.copy_(x)
         if side_stream:
             out.record_stream(s)                 # keep the allocator from reusing it early
@@ -122,7 +124,7 @@ def shutdown_pipelines() -> int:
     garbage collector, a pipeline with python operators can deadlock). Returns how many."""
     n = 0
     while _PIPES:
-        _PIPES.pop()._shutdown()
+        shutdown_pipeline(_PIPES.pop())
         n += 1
     return n
 

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from .compat import require_dali_graph_internals
+
 __all__ = ["KernelRow", "GPU_KERNELS", "FedOp", "trace_gpu_graph", "check_gpu_graph",
            "render_table", "DALI_SOURCE"]
 
@@ -156,14 +158,7 @@ def _tracing() -> Iterator[list]:
     from nvidia.dali.data_node import DataNode
     from nvidia.dali.pipeline import Pipeline
 
-    needed = [(dops, "_OperatorInstance"), (dops, "_process_inputs"),
-              (dops, "_process_argument_inputs"), (Pipeline, "_build_graph")]
-    missing = [name for owner, name in needed if not hasattr(owner, name)]
-    if missing or not hasattr(dops._OperatorInstance, "_generate_outputs"):
-        import nvidia.dali as dali
-
-        raise RuntimeError(f"trace_gpu_graph needs DALI 2.x internals {missing}, absent in DALI "
-                           f"{dali.__version__}")
+    require_dali_graph_internals()           # DALI internals: pipelines/compat.py
     inst = dops._OperatorInstance
     saved = (inst._generate_outputs, dops._process_inputs, dops._process_argument_inputs,
              Pipeline.build)

@@ -22,6 +22,7 @@ import torch
 from mixpro_dali import MixConfig
 
 from .badfiles import explain_failure
+from .compat import shutdown_pipeline, storage_holders
 from .decode import DTYPES, IMAGENET_MEAN, IMAGENET_STD
 from .readers import READER_NAME, epoch_runs, resolve_source, shard_size
 from .train_pipeline import TRAIN_OUTPUTS, TrainOptions, build_train_pipeline, no_mix_config
@@ -84,11 +85,10 @@ class _HostBuffers:
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
         self.pools: dict[tuple, list[torch.Tensor]] = {}
-        self._count = getattr(torch._C, "_storage_Use_Count", None)
+        self._count = storage_holders()
 
     def _free(self, buf: torch.Tensor) -> bool:
-        storage = buf.untyped_storage()
-        return self._count(storage._cdata) <= 2        # buf + the `storage` object above
+        return self._count(buf) <= 1                    # buf alone
 
     def copy(self, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if src.device.type != "cpu" or self._count is None:
@@ -194,7 +194,7 @@ class _DaliLoader:
         So every pipeline this loader built is shut down here, deterministically."""
         pipe, self._pipe = getattr(self, "_pipe", None), None
         if pipe is not None:
-            pipe._shutdown()   # DALI's own teardown (Pipeline.__del__ calls it); no public alias
+            shutdown_pipeline(pipe)
 
     def __del__(self) -> None:
         self.close()

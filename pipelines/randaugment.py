@@ -58,6 +58,8 @@ from nvidia.dali.auto_aug import augmentations as dali_aug
 from nvidia.dali.auto_aug.core import augmentation, select
 from nvidia.dali.data_node import DataNode
 
+from .compat import conditionals_enabled
+
 __all__ = ["RandAugmentPolicy", "parse_policy", "rand_augment", "flip_rand_augment",
            "TRANSFORM_SETS", "OP_NAMES"]
 
@@ -423,9 +425,7 @@ def sample_level(policy: RandAugmentPolicy, seed: int | None) -> DataNode:
 def _check_input(images, fill):
     if not isinstance(images, DataNode):
         raise TypeError(f"images must be a DALI DataNode (inside @pipeline_def), got {type(images)}")
-    from nvidia.dali._conditionals import conditionals_enabled
-
-    if not conditionals_enabled():
+    if conditionals_enabled() is False:
         raise ValueError("rand_augment needs a pipeline built with "
                          "@pipeline_def(enable_conditionals=True)")
     if fill is not None and (len(fill) not in (1, 3) or not all(0 <= v <= 255 for v in fill)):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipelines.compat import shutdown_pipeline
+
 
 def assert_checkpoint_resumes_exactly(pipe_fn, iterations: int = 3) -> None:
     """Run one iteration, checkpoint, run `iterations` more; a pipeline rebuilt from the
@@ -18,4 +20,4 @@ def assert_checkpoint_resumes_exactly(pipe_fn, iterations: int = 3) -> None:
     assert len(got) == len(expected) > 0
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))
     for p in (first, resumed):
-        p._shutdown()
+        shutdown_pipeline(p)

@@ -9,6 +9,7 @@ from scipy import stats
 
 from nvidia.dali import fn, pipeline_def
 from pipelines.erasing import random_erasing
+from pipelines.compat import shutdown_pipeline
 from timm.data.random_erasing import RandomErasing
 from dali_checks import assert_checkpoint_resumes_exactly
 
@@ -25,7 +26,7 @@ def run(images, augment, *, layout="CHW", batches=1, seed=0, conditionals=True, 
     p = pipe()
     p.build()
     outs = [np.array(t.as_cpu() if gpu else t) for _ in range(batches) for t in p.run()[0]]
-    p._shutdown()          # DALI's teardown, deterministic (its __del__ does the same)
+    shutdown_pipeline(p)   # DALI's teardown, deterministic (its __del__ does the same)
     return outs
 
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 import odd_files
+from pipelines.compat import shutdown_pipeline
 from pipelines.decode_worker import find_failures
 from pipelines.deep_scan import deep_scan, read_results
 
@@ -115,7 +116,7 @@ def test_no_false_negatives_the_loaders_decode_every_kept_file_right(corpus):
         diff = np.abs(ref.astype(int) - got.astype(int)) if ref.shape == got.shape else None
         if diff is None or diff.mean() > 3 or (diff > 48).mean() > 0.01:
             wrong.append(os.path.basename(path))
-    p._shutdown()
+    shutdown_pipeline(p)
     assert not wrong and len(kept) > 60
 
 

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixpro_dali import MODES, MixConfig, apply_mix, mix, sample_mix
 from mixpro_dali.operator import batch_view
+from pipelines.compat import shutdown_pipeline
 
 B = 8
 HAS_CUDA = torch.cuda.is_available()
@@ -22,7 +23,7 @@ def _shutdown_pipelines():
     garbage-collected while prefetching can deadlock inside that operator."""
     yield
     while _BUILT:
-        _BUILT.pop()._shutdown()
+        shutdown_pipeline(_BUILT.pop())
 
 
 def source_images(size, layout, dtype, seed=0, batch=B, noise=False):

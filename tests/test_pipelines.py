@@ -9,6 +9,7 @@ from PIL import Image, ImageOps
 import jpeg_factory as jf
 from mixpro_dali import MODES, MixConfig
 from pipelines.decode import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.compat import shutdown_pipeline
 from pipelines.loader import TrainLoader, ValLoader
 
 HAS_CUDA = torch.cuda.is_available()
@@ -232,7 +233,7 @@ def test_cpu_resize_kernel_matches_dali_resize_and_pil(flavour_tree, interpolati
     p = pipe()
     p.build()
     src, torch_out, dali_out, shorter = (list(map(np.array, o)) for o in p.run())
-    p._shutdown()
+    shutdown_pipeline(p)
     mode = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
     for s, t, d, sh in zip(src, torch_out, dali_out, shorter):
         pil = np.array(Image.fromarray(s).resize((24, 40), mode)).astype(int)

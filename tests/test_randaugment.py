@@ -12,6 +12,7 @@ from scipy import stats
 
 import torch
 from nvidia.dali import fn, pipeline_def
+from pipelines.compat import shutdown_pipeline
 from pipelines.randaugment import (
     OP_NAMES, RandAugmentPolicy, TRANSFORM_SETS, parse_policy, rand_augment)
 from pipelines import randaugment as ra
@@ -425,7 +426,7 @@ def test_level_maps_agree_between_dali_and_numpy(name):
     p = pipe()
     p.build()
     dali = np.array([np.array(t) for t in p.run()[0]])
-    p._shutdown()
+    shutdown_pipeline(p)
     host = np.array([to_arg(v, ra._NUMPY) for v in levels])
     np.testing.assert_allclose(dali.astype(np.float64), host.astype(np.float64), rtol=1e-6,
                                atol=1e-6)

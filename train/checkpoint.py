@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.compat import compiled_original
+
 __all__ = ["save_atomic", "write_bytes_atomic", "load_checkpoint", "unwrap", "capture_rng",
            "restore_rng", "plain_state", "export_backbone", "digest", "seal", "serialize",
            "to_cpu", "fault_point", "CheckpointError", "FORMAT_VERSION", "TRAIN_KEYS"]
@@ -68,8 +70,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        elif compiled_original(model) is not model:
+            model = compiled_original(model)
         else:
             return model
 

@@ -100,9 +100,25 @@ def forward_kept_tokens(model: nn.Module, images: torch.Tensor,
     if not bool((n_keep == n_keep[0]).all()):
         raise ValueError("every image must keep the same number of tokens")
     idx = flat.nonzero()[:, 1].view(flat.shape[0], -1)  # (B, n_keep), ascending
-    x = model._pos_embed(model.patch_embed(images))     # (B, P + N, C)
-    P = model.num_prefix_tokens
-    patches = x[:, P:].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n_keep, C)
-    x = torch.cat([x[:, :P], patches], dim=1)
-    x = model.norm(model.blocks(model.norm_pre(x)))
+    # timm's public forward_features runs patch_embed, the position embedding, patch_drop,
+    # norm_pre, blocks, norm: the selection takes patch_drop's place (an identity in eval)
+    saved = model.patch_drop
+    model.patch_drop = _KeepTokens(idx, model.num_prefix_tokens)
+    try:
+        x = model.forward_features(images)
+    finally:
+        model.patch_drop = saved
     return model.forward_head(x)
+
+
+class _KeepTokens(nn.Module):
+    """(B, P + N, C) tokens -> the P prefix tokens and the patch tokens at idx (B, n_keep)."""
+
+    def __init__(self, idx: torch.Tensor, prefix: int) -> None:
+        super().__init__()
+        self.idx, self.prefix = idx, prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        P = self.prefix
+        patches = x[:, P:].gather(1, self.idx[..., None].expand(-1, -1, x.shape[-1]))
+        return torch.cat([x[:, :P], patches], dim=1)
