@@ -10,11 +10,15 @@ from .ca_models import CA_MODELS, CaPyramidVisionTransformerV2, CaSwinTransforme
 from .config import MODES, PRESETS, MixConfig
 from .labels import (MixTargets, attn_lambda, mix_targets, pal_alpha, pool_token_mask,
                      soft_target_cross_entropy)
-from .masks import MixParams, apply_mix, area_lambda, mix_samples, sample_mix, stage_params
+from .masks import (MODE_TABLE, MixParams, Mode, apply_mix, area_lambda, mix_samples,
+                    register_mode, sample_mix, stage_params, unregister_mode)
+from .methods import METHODS, Method, get_method, register_method, unregister_method
 from .operator import MaskMixOperator, MixOutputs, mix
 
 __all__ = [
-    "MODES", "PRESETS", "MixConfig", "MixParams", "apply_mix", "area_lambda", "stage_params",
+    "MODES", "PRESETS", "MixConfig", "METHODS", "Method", "get_method", "register_method",
+    "unregister_method", "MODE_TABLE", "Mode", "register_mode", "unregister_mode",
+    "MixParams", "apply_mix", "area_lambda", "stage_params",
     "mix_samples", "sample_mix",
     "MaskMixOperator", "MixOutputs", "mix",
     "ClsAttention", "FAMILIES", "check_mask_patch", "CA_MODELS", "CaSwinTransformer",

@@ -1,13 +1,8 @@
 """MixConfig: what the MaskMix operator draws per batch, validated at construction.
 
-Presets (docs/method.md section 8 has the full table and the training methods built on them):
-  mixpro           paper: MaskMix(+PAL) 0.5 / Mixup 0.5 (Table 6 best row), floor, flip
-  mixpro-official  fistyee/MixPro: MaskMix 0.5 / Mixup 0.25 / CutMix 0.25, ceil; partner perm on
-                   MaskMix batches, flip on Mixup/CutMix (those go through timm's Mixup there)
-  transmix         CutMix(+TransMix labels) 0.5 / Mixup 0.5
-  deit             Mixup 0.5 / CutMix 0.5 (DeiT: always mixing, switch 0.5)
-  maskmix          MaskMix always (area labels ablation)
-  none             no mixing
+Presets: one per mixing method of the registry (`mixpro_dali.methods`: none, deit, transmix,
+maskmix, mixpro, mixpro-official, and any registered one); `MixConfig.preset(name)` builds
+the method's config. docs/method.md section 8 has the table.
 """
 from __future__ import annotations
 
@@ -15,23 +10,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-MODES = {"none": 0, "mixup": 1, "cutmix": 2, "maskmix": 3}
-"""Mode codes emitted by the operator (int32 `mode` output)."""
+from .masks import MODES, mixing_modes
+from .methods import PARTNERS, PRESETS
 
-MIX_KEYS = ("mixup", "cutmix", "maskmix")
-PARTNERS = ("flip", "perm")
+__all__ = ["MixConfig", "MODES", "PRESETS", "PARTNERS"]
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "mixpro": dict(probs={"maskmix": 0.5, "mixup": 0.5}, rounding="floor", partner="flip"),
-    "mixpro-official": dict(
-        probs={"maskmix": 0.5, "mixup": 0.25, "cutmix": 0.25}, rounding="ceil",
-        partner={"maskmix": "perm", "mixup": "flip", "cutmix": "flip"},
-    ),
-    "transmix": dict(probs={"cutmix": 0.5, "mixup": 0.5}),
-    "deit": dict(probs={"mixup": 0.5, "cutmix": 0.5}),
-    "maskmix": dict(probs={"maskmix": 1.0}),
-    "none": dict(probs={}),
-}
+
+def __getattr__(name: str) -> Any:
+    if name == "MIX_KEYS":  # the old name of the mixing modes (a live view of the registry)
+        return mixing_modes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _as_hw(value: Any, name: str) -> tuple[int, int]:
@@ -118,8 +106,9 @@ class MixConfig:
             raise TypeError(f"probs must be a mapping like {{'maskmix': 0.5}}, got {probs!r}")
         out: dict[str, float] = {}
         for key, v in probs.items():
-            if key not in MIX_KEYS:
-                raise ValueError(f"probs: unknown mode {key!r}; valid modes: {', '.join(MIX_KEYS)}")
+            if key not in mixing_modes():
+                raise ValueError(f"probs: unknown mode {key!r}; valid modes: "
+                                 f"{', '.join(mixing_modes())}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"probs[{key!r}] must be in [0, 1], got {v!r}")
             out[key] = float(v)
@@ -131,15 +120,15 @@ class MixConfig:
     @staticmethod
     def _check_partner(partner: Any) -> str | dict[str, str]:
         if isinstance(partner, Mapping):
-            bad = [k for k in partner if k not in MIX_KEYS]
+            bad = [k for k in partner if k not in mixing_modes()]
             if bad:
                 raise ValueError(f"partner: unknown mode {bad[0]!r}; valid modes: "
-                                 f"{', '.join(MIX_KEYS)}")
+                                 f"{', '.join(mixing_modes())}")
             wrong = {k: v for k, v in partner.items() if v not in PARTNERS}
             if wrong:
                 k, v = next(iter(wrong.items()))
                 raise ValueError(f"partner[{k!r}] must be 'flip' or 'perm', got {v!r}")
-            return {k: partner.get(k, "flip") for k in MIX_KEYS}
+            return {k: partner.get(k, "flip") for k in mixing_modes()}
         if partner not in PARTNERS:
             raise ValueError(f"partner must be 'flip' or 'perm' (or a mapping mode -> one of "
                              f"them), got {partner!r}")
@@ -168,7 +157,7 @@ class MixConfig:
     # --- construction -----------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "MixConfig":
-        """A named recipe (see module docstring) with field overrides."""
+        """The preset of a registered method (`mixpro_dali.methods`) with field overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})

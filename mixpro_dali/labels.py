@@ -23,20 +23,32 @@ Label smoothing follows timm: off value s/C, on value 1 - s + s/C.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .config import MODES
+from .masks import MODES
 
 __all__ = [
-    "TARGET_METHODS", "TARGET_PRESETS", "MixTargets", "smooth_one_hot", "attn_lambda", "pal_alpha",
-    "grid_factor", "pool_token_mask", "mix_targets", "soft_target_cross_entropy",
+    "LABEL_RULES", "LABEL_VARIANTS", "TARGET_METHODS", "TARGET_PRESETS", "MixTargets",
+    "smooth_one_hot", "attn_lambda", "pal_alpha", "grid_factor", "pool_token_mask",
+    "mix_targets", "soft_target_cross_entropy",
 ]
 
-TARGET_METHODS = ("mixpro", "transmix", "area")
-TARGET_PRESETS = ("paper", "official")
+LABEL_RULES: dict[str, tuple[str, ...]] = {
+    "mixpro": ("maskmix",),   # PAL on MaskMix rows
+    "transmix": ("cutmix",),  # TransMix on CutMix rows
+    "area": (),               # area / blend labels everywhere (no attention)
+}
+"""`mix_targets` method -> the modes whose rows it relabels with the class attention by default
+(a method row of `mixpro_dali.methods` may name others: `label_modes`)."""
+TARGET_METHODS = tuple(LABEL_RULES)
+LABEL_VARIANTS = ("paper", "official")
+"""PAL label variants (`label_variant=`; the old keyword was `preset=`)."""
+TARGET_PRESETS = LABEL_VARIANTS  # the old name
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ class MixTargets:
     """What `mix_targets` decided, per sample.
 
     target: (B, C) float32, rows sum to 1; carries a gradient only for PAL rows under the
-        'official' preset (through alpha).
+        'official' label variant (through alpha).
     lam: (B,) float32 final weight of labels_a, in [0, 1] (detached, for logging).
     alpha: (B,) float32 PAL trust weight, NaN where PAL was not applied (detached).
     """
@@ -178,7 +190,9 @@ def mix_targets(
     num_classes: int,
     smoothing: float = 0.1,
     method: str = "mixpro",
-    preset: str = "paper",
+    label_variant: str = "paper",
+    label_modes: Sequence[str] | None = None,
+    preset: str | None = None,
 ) -> MixTargets:
     """Soft targets for a mixed batch, per sample (PAL on MaskMix rows, TransMix on CutMix rows).
 
@@ -190,13 +204,24 @@ def mix_targets(
 
     method: 'mixpro' (PAL on MaskMix samples), 'transmix' (on CutMix samples), 'area' (area /
         blend labels everywhere). Other samples always get area / blend labels.
-    preset: 'paper' (alpha detached, smoothing in the final target) or 'official' (parity with
-        fistyee/MixPro: alpha keeps its gradient and PAL rows use hard labels, so that
-        soft-target CE on them is lam*CE(z, y_a) + (1-lam)*CE(z, y_b) with the gradient
-        flowing through lam; non-PAL rows keep smoothing). Only PAL rows depend on the preset.
+    label_variant: 'paper' (alpha detached, smoothing in the final target) or 'official'
+        (parity with fistyee/MixPro: alpha keeps its gradient and PAL rows use hard labels, so
+        that soft-target CE on them is lam*CE(z, y_a) + (1-lam)*CE(z, y_b) with the gradient
+        flowing through lam; non-PAL rows keep smoothing). Only PAL rows depend on it.
+    label_modes: the modes whose rows get the attention label (default: the method's own,
+        `LABEL_RULES`; a registered mode joins them here).
+    preset: deprecated name of label_variant.
     """
-    _check_choice("method", method, TARGET_METHODS)
-    _check_choice("preset", preset, TARGET_PRESETS)
+    _check_choice("method", method, tuple(LABEL_RULES))
+    if preset is not None:
+        warnings.warn("mix_targets(preset=...) is deprecated: use label_variant=...",
+                      DeprecationWarning, stacklevel=2)
+        label_variant = preset
+    _check_choice("label_variant", label_variant, LABEL_VARIANTS)
+    modes = LABEL_RULES[method] if label_modes is None else tuple(label_modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"label_modes: unknown mode {bad[0]!r}; modes: {', '.join(MODES)}")
     _check_inputs(logits, labels_a, labels_b, lam, mode, token_mask, attn, num_classes,
                   smoothing, method)
     y_a = smooth_one_hot(labels_a, num_classes, smoothing)  # (B, C)
@@ -208,11 +233,11 @@ def mix_targets(
 
     lam_attn = attn_lambda(attn, token_mask)  # (B,)
     if method == "transmix":
-        lam_mix = torch.where(mode == MODES["cutmix"], (lam_area + lam_attn) / 2, lam_area)
+        lam_mix = torch.where(_rows(mode, modes), (lam_area + lam_attn) / 2, lam_area)
         return MixTargets(_mix(lam_mix, y_a, y_b), lam_mix, alpha)
 
-    official = preset == "official"
-    pal = mode == MODES["maskmix"]  # (B,)
+    official = label_variant == "official"
+    pal = _rows(mode, modes)  # (B,)
     a = pal_alpha(logits if official else logits.detach(), _mix(lam_area, y_a, y_b))  # (B,)
     lam_mix = torch.where(pal, a * lam_attn + (1.0 - a) * lam_area, lam_area)  # (B,)
     target = _mix(lam_mix, y_a, y_b)
@@ -224,12 +249,20 @@ def mix_targets(
     return MixTargets(target, lam_mix.detach(), alpha)
 
 
+def _rows(mode: torch.Tensor, modes: Sequence[str]) -> torch.Tensor:
+    """(B,) bool: the rows whose mode is one of `modes`."""
+    rows = torch.zeros_like(mode, dtype=torch.bool)
+    for name in modes:
+        rows = rows | (mode == MODES[name])
+    return rows
+
+
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                               reduction: str = "mean") -> torch.Tensor:
     """-sum(target * log_softmax(logits)) per sample, in float32; 'mean' or 'none'.
 
     Same value as timm's SoftTargetCrossEntropy; the target is not detached, so the 'official'
-    PAL preset's gradient through alpha reaches the model.
+    PAL label variant's gradient through alpha reaches the model.
     """
     _check_choice("reduction", reduction, ("mean", "none"))
     if logits.shape != target.shape:

@@ -12,16 +12,32 @@ keeps one token of four, MixPro Eq. 3: x_mix = M * x_a + (1 - M) * x_b).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .config import MODES, MixConfig
+if TYPE_CHECKING:
+    from .config import MixConfig
 
-_MODE_ORDER = ("mixup", "cutmix", "maskmix")
-_MODE_NAMES = {code: name for name, code in MODES.items()}
+
+@dataclass(frozen=True)
+class Mode:
+    """One mixing mode, a row of the mode table (`MODE_TABLE`, `register_mode`).
+
+    code: the int32 `mode` the operator emits (0 is "none"; a batch's mode is drawn from the
+        config's `probs`, which take their mass in code order).
+    sample(rng, config, batch_size) -> (token_mask (B, h, w) uint8, lam (B,) float32, blend):
+        the mode's own random draws, made after the mode and the partner (randomness only here).
+    apply(images, params, out, patch_size, layout) -> out: deterministic given the params.
+    """
+
+    code: int
+    name: str
+    sample: Callable
+    apply: Callable
 
 
 @dataclass(frozen=True)
@@ -45,10 +61,11 @@ def batch_rng(seed: int, shard_id: int, batch_index: int) -> np.random.Generator
 
 
 def sample_mode(rng: np.random.Generator, probs: dict[str, float]) -> int:
-    """One mode per batch: mixup, cutmix, maskmix take their probability mass in that order."""
+    """One mode per batch: the mixing modes take their probability mass in code order (mixup,
+    cutmix, maskmix, then registered ones); the rest is "none"."""
     u = rng.random()
     acc = 0.0
-    for name in _MODE_ORDER:
+    for name in mixing_modes():
         acc += probs.get(name, 0.0)
         if u < acc:
             return MODES[name]
@@ -106,27 +123,49 @@ def sample_box(
 def sample_mix(config: MixConfig, batch_size: int, batch_index: int, shard_id: int = 0) -> MixParams:
     """Draw one batch's mixing decisions: a pure function of (seed, shard, batch index)."""
     rng = batch_rng(config.seed, shard_id, batch_index)
-    mode = sample_mode(rng, dict(config.probs))
-    h, w = config.token_grid
+    mode = MODE_TABLE[_NAMES[sample_mode(rng, dict(config.probs))]]
     # drawn right after the mode, as before per-mode partners: a single rule keeps its stream
-    partner = sample_partner(rng, batch_size, config.partner_for(_MODE_NAMES[mode]))
-    token_mask = torch.ones(batch_size, h, w, dtype=torch.uint8)
-    blend = 1.0
-    if mode == MODES["maskmix"]:
-        gh, gw = config.cell_grid
-        tau = rng.beta(config.beta, config.beta, size=batch_size if config.per_sample_ratio else 1)
-        counts = np.broadcast_to(cell_counts(tau, gh * gw, config.rounding), (batch_size,))
-        cells = torch.from_numpy(sample_cells(rng, batch_size, (gh, gw), counts))
-        token_mask = cells_to_tokens(cells, config.mask_patch // config.patch_size, (h, w))
-    elif mode == MODES["cutmix"]:
-        y0, y1, x0, x1 = sample_box(rng, (h, w), config.cutmix_alpha)
-        token_mask[:, y0:y1, x0:x1] = 0
-    elif mode == MODES["mixup"]:
-        blend = float(rng.beta(config.mixup_alpha, config.mixup_alpha))
-    lam = area_lambda(token_mask) if mode != MODES["mixup"] else torch.full((batch_size,), blend)
-    if mode == MODES["none"]:
+    partner = sample_partner(rng, batch_size, config.partner_for(mode.name))
+    token_mask, lam, blend = mode.sample(rng, config, batch_size)
+    if mode.code == MODES["none"]:
         partner = np.arange(batch_size)  # unmixed: labels_b == labels_a
-    return MixParams(mode, torch.from_numpy(np.ascontiguousarray(partner)), token_mask, lam.float(), blend)
+    return MixParams(mode.code, torch.from_numpy(np.ascontiguousarray(partner)), token_mask,
+                     lam.float(), blend)
+
+
+def _ones(config: MixConfig, batch_size: int) -> torch.Tensor:
+    return torch.ones(batch_size, *config.token_grid, dtype=torch.uint8)  # (B, h, w)
+
+
+def sample_unmixed(rng: np.random.Generator, config: MixConfig, batch_size: int):
+    """"none": every token from the sample itself, lam 1."""
+    token_mask = _ones(config, batch_size)
+    return token_mask, area_lambda(token_mask), 1.0
+
+
+def sample_mixup(rng: np.random.Generator, config: MixConfig, batch_size: int):
+    """Mixup: one blend ~ Beta(mixup_alpha, mixup_alpha) per batch; lam = blend."""
+    blend = float(rng.beta(config.mixup_alpha, config.mixup_alpha))
+    return _ones(config, batch_size), torch.full((batch_size,), blend), blend
+
+
+def sample_cutmix(rng: np.random.Generator, config: MixConfig, batch_size: int):
+    """CutMix: one token-snapped box per batch (`sample_box`); lam = exact area share."""
+    token_mask = _ones(config, batch_size)
+    y0, y1, x0, x1 = sample_box(rng, config.token_grid, config.cutmix_alpha)
+    token_mask[:, y0:y1, x0:x1] = 0
+    return token_mask, area_lambda(token_mask), 1.0
+
+
+def sample_maskmix(rng: np.random.Generator, config: MixConfig, batch_size: int):
+    """MaskMix: tau ~ Beta(beta, beta) (per batch or per sample), n = floor|ceil(S * tau)
+    random cells of the cell grid per sample; lam = exact area share."""
+    gh, gw = config.cell_grid
+    tau = rng.beta(config.beta, config.beta, size=batch_size if config.per_sample_ratio else 1)
+    counts = np.broadcast_to(cell_counts(tau, gh * gw, config.rounding), (batch_size,))
+    cells = torch.from_numpy(sample_cells(rng, batch_size, (gh, gw), counts))
+    token_mask = cells_to_tokens(cells, config.mask_patch // config.patch_size, config.token_grid)
+    return token_mask, area_lambda(token_mask), 1.0
 
 
 def area_lambda(token_mask: torch.Tensor) -> torch.Tensor:
@@ -204,18 +243,34 @@ def apply_mix(images: torch.Tensor, params: MixParams, *, patch_size: int, layou
         raise ValueError(f"layout must be one of ('HWC', 'CHW'), got {layout!r}")
     images = images.contiguous()
     out = torch.empty_like(images) if out is None else out
-    if params.mode == MODES["none"]:
-        return out.copy_(images)
+    return MODE_TABLE[_NAMES[params.mode]].apply(images, params, out, patch_size, layout)
+
+
+def apply_copy(images: torch.Tensor, params: MixParams, out: torch.Tensor, patch_size: int,
+               layout: str) -> torch.Tensor:
+    """"none": a copy of the batch."""
+    return out.copy_(images)
+
+
+def apply_blend(images: torch.Tensor, params: MixParams, out: torch.Tensor, patch_size: int,
+                layout: str) -> torch.Tensor:
+    """Mixup: out = blend * image + (1 - blend) * partner image (uint8: rounded, clamped)."""
+    partner = params.partner.to(images.device)
+    if images.is_floating_point():
+        torch.index_select(images, 0, partner, out=out)
+        torch.lerp(out, images, params.blend, out=out)   # other + blend * (image - other)
+    else:
+        _blend_uint8(images, partner, params.blend, out)
+    return out
+
+
+def apply_tokens(images: torch.Tensor, params: MixParams, out: torch.Tensor, patch_size: int,
+                 layout: str) -> torch.Tensor:
+    """Token copy (MaskMix, CutMix, any token-mask mode): each token from the sample itself
+    where token_mask is 1, else from its partner; one `index_select` of token rows."""
     dev = images.device
-    partner = params.partner.to(dev)
-    if params.mode == MODES["mixup"]:
-        if images.is_floating_point():
-            torch.index_select(images, 0, partner, out=out)
-            torch.lerp(out, images, params.blend, out=out)   # other + blend * (image - other)
-        else:
-            _blend_uint8(images, partner, params.blend, out)
-        return out
-    rows, index = _token_rows(images, params.token_mask.to(dev), partner, patch_size, layout)
+    rows, index = _token_rows(images, params.token_mask.to(dev), params.partner.to(dev),
+                              patch_size, layout)
     torch.index_select(rows, 0, index, out=out.view(rows.shape))
     return out
 
@@ -236,3 +291,58 @@ def mix_samples(samples: Sequence[torch.Tensor], params: MixParams, *, patch_siz
     for o, m in zip(out, mixed.unbind(0)):
         o.copy_(m)
     return list(out)
+
+
+# --- the mode table --------------------------------------------------------------------------
+MODE_TABLE: dict[str, Mode] = {}
+"""name -> Mode, in registration order. Add a mode with `register_mode` (one row)."""
+MODES: dict[str, int] = {}
+"""name -> code of every registered mode (the operator's int32 `mode` output): a live view."""
+_NAMES: dict[int, str] = {}
+_MIXING: list[tuple[str, ...]] = [()]
+
+
+def mixing_modes() -> tuple[str, ...]:
+    """Names of the modes that mix (all but "none"), in code order: the keys of `probs`."""
+    return _MIXING[0]
+
+
+def _refresh() -> None:
+    MODES.clear()
+    MODES.update({m.name: m.code for m in MODE_TABLE.values()})
+    _NAMES.clear()
+    _NAMES.update({m.code: m.name for m in MODE_TABLE.values()})
+    _MIXING[0] = tuple(m.name for m in sorted(MODE_TABLE.values(), key=lambda m: m.code)
+                       if m.code != 0)
+
+
+def register_mode(mode: Mode) -> Mode:
+    """Add a mode row; its name and code must be new (codes are int32, 0 is "none")."""
+    if not isinstance(mode, Mode):
+        raise TypeError(f"register_mode takes a Mode, got {type(mode).__name__}")
+    if not isinstance(mode.name, str) or not mode.name or mode.name in MODE_TABLE:
+        raise ValueError(f"mode name must be a new non-empty string, got {mode.name!r}; "
+                         f"registered: {', '.join(MODE_TABLE)}")
+    if isinstance(mode.code, bool) or not isinstance(mode.code, int) or mode.code in _NAMES \
+            or not 0 <= mode.code < 2**31:
+        raise ValueError(f"mode code must be a new int in [0, 2**31), got {mode.code!r}; "
+                         f"taken: {sorted(_NAMES)}")
+    MODE_TABLE[mode.name] = mode
+    _refresh()
+    return mode
+
+
+def unregister_mode(name: str) -> None:
+    """Remove a registered mode (the built-in ones stay)."""
+    if name in _BUILTIN_MODES:
+        raise ValueError(f"built-in mode {name!r} cannot be removed")
+    MODE_TABLE.pop(name, None)
+    _refresh()
+
+
+for _mode in (Mode(0, "none", sample_unmixed, apply_copy),
+              Mode(1, "mixup", sample_mixup, apply_blend),
+              Mode(2, "cutmix", sample_cutmix, apply_tokens),
+              Mode(3, "maskmix", sample_maskmix, apply_tokens)):
+    register_mode(_mode)
+_BUILTIN_MODES = tuple(MODE_TABLE)

@@ -10,6 +10,7 @@ dali          TrainLoader (decode with random resized crop, bicubic resize, Rand
               operator in the graph with the `none` preset (it stacks and copies, never mixes).
 dali+maskmix  the same, every batch MaskMix (`maskmix` preset): the operator's worst case.
 dali+mixpro   the same, the paper's MixPro policy (MaskMix 0.5 / Mixup 0.5).
+dali+<method> any other method of the registry (mixpro_dali.methods), e.g. dali+mixpro-official.
 torchvision+timm  ImageFolder + timm create_transform (same options, pixel-mode erasing, no
               colour jitter) in a DataLoader with --threads workers, timm Mixup/CutMix (0.8 / 1.0,
               switch 0.5) on each batch (on the GPU with --device cuda, after a pinned copy).
@@ -42,8 +43,20 @@ RECIPES = {"full": dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
            "no-ra-erasing": dict(auto_augment=None, re_prob=0.0),
            "ra-only": dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0),   # stage profile
            "erasing-only": dict(auto_augment=None, re_prob=0.25)}
-DALI_PRESETS = {"dali": "none", "dali+maskmix": "maskmix", "dali+mixpro": "mixpro"}
-CONFIGS = (*DALI_PRESETS, "torchvision+timm")
+CONFIGS = ("dali", "dali+maskmix", "dali+mixpro", "torchvision+timm")  # the default selection
+
+
+def dali_presets() -> dict[str, str]:
+    """Configuration name -> MixConfig preset: "dali" (no mixing) and "dali+<method>" for every
+    method of the registry (mixpro_dali.methods)."""
+    from mixpro_dali.methods import method_names
+    return {"dali": "none", **{f"dali+{m}": m for m in method_names() if m != "none"}}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DALI_PRESETS":  # the old constant, derived from the registry
+        return dali_presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Runner:
@@ -195,20 +208,21 @@ def _note_pid(pids: Any, worker_id: int) -> None:
 
 
 def build(name: str, data: Path, a: argparse.Namespace) -> Runner:
-    if name in DALI_PRESETS:
-        return bench_dali(data, preset=DALI_PRESETS[name], batch=a.batch_size, threads=a.threads,
+    if name in dali_presets():
+        return bench_dali(data, preset=dali_presets()[name], batch=a.batch_size, threads=a.threads,
                           size=a.size, device=a.device, mask_patch=a.mask_patch, recipe=a.recipe)
     if name == "torchvision+timm":
         return bench_torchvision(data, batch=a.batch_size, workers=a.threads, size=a.size,
                                  device=a.device, recipe=a.recipe)
-    raise ValueError(f"unknown configuration {name!r}; valid: {', '.join(CONFIGS)}")
+    raise ValueError(f"unknown configuration {name!r}; valid: "
+                     f"{', '.join([*dali_presets(), 'torchvision+timm'])}")
 
 
 def run_pipeline_bench(data: Path, a: argparse.Namespace, log=print) -> dict[str, Any]:
     """Build, warm up (memory sampled), run interleaved rounds; returns the results payload."""
     names = a.configs
     runners, memory = {}, {}
-    if any(n in DALI_PRESETS for n in names):   # one-time DALI/torch start-up is nobody's memory
+    if any(n in dali_presets() for n in names):   # one-time DALI/torch start-up is nobody's memory
         prime = bench_dali(data, preset="none", batch=2, threads=1, size=a.size, device=a.device,
                            mask_patch=a.mask_patch, recipe=a.recipe)
         next(prime.batches)
@@ -248,9 +262,9 @@ def summarize(rounds: list[dict[str, dict[str, float]]], memory: dict, names: li
         med = {k: statistics.median(r[n][k] for r in rounds) for k in rounds[0][n]}
         results.append({"config": n, "img_s": med["img_s"], "img_s_rounds": [x[n] for x in rates],
                         "cpu_ms_per_img": med["cpu_ms_per_img"],
-                        "op_ms_per_batch": med["op_ms_per_batch"] if n in DALI_PRESETS else None,
-                        "op_share": med["op_share"] if n in DALI_PRESETS else None,
-                        "op_cpu_share": med["op_cpu_share"] if n in DALI_PRESETS else None,
+                        "op_ms_per_batch": med["op_ms_per_batch"] if n in dali_presets() else None,
+                        "op_share": med["op_share"] if n in dali_presets() else None,
+                        "op_cpu_share": med["op_cpu_share"] if n in dali_presets() else None,
                         f"x_{ref}": vs_ref[n], "x_torchvision": vs_tv.get(n), **memory[n]})
     return {"reference": ref, "rounds": len(rounds), "results": results}
 
@@ -293,9 +307,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.t0 = time.monotonic()
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    bad = [c for c in a.configs if c not in CONFIGS]
+    valid = [*dali_presets(), "torchvision+timm"]
+    bad = [c for c in a.configs if c not in valid]
     if bad:
-        p.error(f"--configs: unknown {', '.join(bad)}; valid: {', '.join(CONFIGS)}")
+        p.error(f"--configs: unknown {', '.join(bad)}; valid: {', '.join(valid)}")
     a.batch_size = a.batch_size or (256 if a.device == "cuda" else 64)
     a.threads = a.threads or (len(os.sched_getaffinity(0)) if a.device == "cuda" else 2)
     a.mask_patch = a.mask_patch or min(64, a.size - a.size % 16)

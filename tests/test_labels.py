@@ -69,7 +69,7 @@ def run(b, **kw):
 def test_targets_equal_hand_written_formulas(method, preset, seed):
     b = make_batch(seed)
     smoothing = (0.1, 0.0, 0.3)[seed]
-    out = run(b, method=method, preset=preset, smoothing=smoothing)
+    out = run(b, method=method, label_variant=preset, smoothing=smoothing)
     target, lam, alpha = reference(b, method, preset, smoothing)
     torch.testing.assert_close(out.target, target.float(), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.lam, lam.float(), atol=1e-6, rtol=0)
@@ -83,7 +83,7 @@ def test_targets_equal_hand_written_formulas(method, preset, seed):
 def test_rows_sum_to_one_and_weights_stay_in_range(method, preset):
     for seed in range(20):
         b = make_batch(seed, B=16, scale=(0.01, 3.0, 300.0)[seed % 3])  # flat to saturated p
-        out = run(b, method=method, preset=preset)
+        out = run(b, method=method, label_variant=preset)
         torch.testing.assert_close(out.target.sum(1), torch.ones(16), atol=1e-6, rtol=0)
         assert (out.target >= 0).all() and out.target.dtype == torch.float32
         assert ((out.lam >= 0) & (out.lam <= 1)).all()
@@ -96,14 +96,14 @@ def test_official_gradient_flows_through_alpha_only():
     pal = b["mode"] == 3
     for preset in TARGET_PRESETS:
         logits = b["logits"].clone().requires_grad_(True)
-        out = run(dict(b, logits=logits), preset=preset)
+        out = run(dict(b, logits=logits), label_variant=preset)
         assert out.target.requires_grad == (preset == "official")
         assert not out.lam.requires_grad and not out.alpha.requires_grad
     # official: grad of the targets reaches the logits through PAL rows only
     w = torch.randn(C)
     for rows, moves in ((pal, True), (~pal, False)):
         logits = b["logits"].clone().requires_grad_(True)
-        (run(dict(b, logits=logits), preset="official").target[rows] * w).sum().backward()
+        (run(dict(b, logits=logits), label_variant="official").target[rows] * w).sum().backward()
         assert (logits.grad[rows].abs().sum(1) > 0).all() == moves
         assert (logits.grad[~rows] == 0).all()
 
@@ -112,7 +112,7 @@ def test_official_loss_is_lam_weighted_hard_ce_with_grad_through_lam():
     b = make_batch(1)
     pal = b["mode"] == 3
     logits = b["logits"].clone().requires_grad_(True)
-    out = run(dict(b, logits=logits), preset="official")
+    out = run(dict(b, logits=logits), label_variant="official")
     loss = soft_target_cross_entropy(logits, out.target, reduction="none")
     # the same loss written out: alpha, lam and both hard CEs with autograd on
     z = b["logits"].clone().requires_grad_(True)
@@ -192,8 +192,8 @@ def test_errors_name_the_argument():
     cases = [
         (ValueError, r"method must be one of \('mixpro', 'transmix', 'area'\), got 'pal'",
          dict(method="pal")),
-        (ValueError, r"preset must be one of \('paper', 'official'\), got 'fistyee'",
-         dict(preset="fistyee")),
+        (ValueError, r"label_variant must be one of \('paper', 'official'\), got 'fistyee'",
+         dict(label_variant="fistyee")),
         (ValueError, "num_classes must be a positive int, got 0", dict(num_classes=0)),
         (ValueError, "num_classes must be a positive int, got True", dict(num_classes=True)),
         (ValueError, r"smoothing must be in \[0, 1\), got 1.0", dict(smoothing=1.0)),
@@ -342,3 +342,32 @@ def test_other_cell_sizes_split_final_stage_tokens_and_are_refused():
                                              r"mask_patch \d+ or \d+"):
             check_mask_patch(mask_patch, 32, "CaSwin")
     check_mask_patch(64, 32)
+
+
+def test_preset_keyword_is_a_deprecated_alias_of_label_variant():
+    b = make_batch(3)
+    logits = b["logits"].clone().requires_grad_(True)
+    new = run(dict(b, logits=logits), label_variant="official")
+    with pytest.warns(DeprecationWarning, match=r"preset=.*deprecated: use label_variant"):
+        old = run(dict(b, logits=logits), preset="official")
+    assert torch.equal(old.target, new.target) and old.target.requires_grad
+    with pytest.warns(DeprecationWarning), pytest.raises(
+            ValueError, match=r"label_variant must be one of \('paper', 'official'\), got 'x'"):
+        run(b, preset="x")
+
+
+def test_label_modes_pick_the_rows_that_get_the_attention_label():
+    b = make_batch(5)
+    for method, own in (("transmix", 2), ("mixpro", 3)):
+        default = run(b, method=method)
+        moved = run(b, method=method, label_modes=("mixup",))      # mode 1 rows instead
+        area = run(b, method="area")
+        for code in range(4):
+            rows = b["mode"] == code
+            relabeled = moved.lam[rows] if code == 1 else default.lam[rows]
+            if code in (1, own):
+                assert not torch.equal(relabeled, area.lam[rows])
+            else:
+                assert torch.equal(moved.lam[rows], area.lam[rows])
+    with pytest.raises(ValueError, match=r"label_modes: unknown mode 'stripes'"):
+        run(b, label_modes=("stripes",))

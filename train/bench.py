@@ -32,6 +32,8 @@ from pipelines.bench_report import (MemorySampler, cpu_seconds, machine_info, ma
                                     median_ratios, settle, write_outputs)
 from pipelines.imagenet_like import describe, make_imagenet_like
 
+from mixpro_dali.methods import base_methods
+
 from .config import TrainConfig
 from .dist import DistInfo
 from .engine import Engine
@@ -40,7 +42,7 @@ from .main import build_loaders, build_model
 from .optim import build_optimizer, build_scheduler
 
 TINY = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3}  # demo
-METHODS = ("none", "deit", "transmix", "mixpro")
+METHODS = ("none", "deit", "transmix", "mixpro")  # the default selection; any registered method
 
 
 class Config:
@@ -211,7 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              else "vit_tiny_patch16_224")).split(",")
     a.methods = a.methods.split(",")
     a.modes = a.modes.split(",")
-    for name, vals, valid in (("--methods", a.methods, METHODS), ("--modes", a.modes, ("e2e", "step"))):
+    for name, vals, valid in (("--methods", a.methods, base_methods()),
+                              ("--modes", a.modes, ("e2e", "step"))):
         if bad := [v for v in vals if v not in valid]:
             p.error(f"{name}: unknown {', '.join(bad)}; valid: {', '.join(valid)}")
     a.size = 224 if gpu else 28

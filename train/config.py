@@ -19,13 +19,20 @@ from typing import Any, Mapping, Union
 
 import yaml
 
+from mixpro_dali.methods import base_methods, resolve_method
+
 __all__ = ["DataConfig", "ModelConfig", "MixSection", "OptimConfig", "RunConfig", "TrainConfig",
            "METHODS", "load_yaml", "apply_overrides", "resolve_config_path", "CONFIG_DIR"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHODS = ("none", "deit", "transmix", "maskmix", "mixpro")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # mix.method's choices: the registry's methods (mixpro_dali.methods)
+        return base_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check(cond: bool, name: str, value: Any, valid: str) -> None:
@@ -124,7 +131,8 @@ class MixSection:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS, "mix.method", self.method, f"one of {METHODS}")
+        _check(self.method in base_methods(), "mix.method", self.method,
+               f"one of {base_methods()}")
         _check(self.preset in ("paper", "official"), "mix.preset", self.preset,
                "'paper' or 'official'")
         _check(self.mask_patch > 0, "mix.mask_patch", self.mask_patch, "a positive int")
@@ -213,9 +221,10 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        if self.mix.preset == "official" and self.mix.method != "mixpro":
-            raise ValueError(f"mix.preset='official' applies to mix.method='mixpro' only, got "
-                             f"mix.method={self.mix.method!r}")
+        try:  # 'official': the method's official variant in the registry
+            resolve_method(self.mix.method, self.mix.preset)
+        except ValueError as e:
+            raise ValueError(f"mix.{str(e).replace('method=', 'mix.method=')}") from None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":

@@ -75,14 +75,16 @@ class PalMonitor:
     (one mode per batch). The sums are this rank's; `epoch_end` sums them over the ranks.
     """
 
-    MODE_NAMES = tuple(sorted(MODES, key=MODES.get))  # none, mixup, cutmix, maskmix
     # accumulator layout: batches, PAL samples, sum alpha, sum alpha^2, sum lam_attn,
-    # sum lam_area, sum |lam - lam_area|, one count per mode, then the alpha histogram
+    # sum lam_area, sum |lam - lam_area|, one count per mode code (none, mixup, cutmix,
+    # maskmix, then registered modes), then the alpha histogram
     _N, _P, _A, _A2, _ATTN, _AREA, _SHIFT, _MODE = range(8)
 
     def __init__(self, device: torch.device, *, pal: bool, bins: int = 20) -> None:
         self.device, self.pal, self.bins = device, pal, bins
-        self._hist = self._MODE + len(self.MODE_NAMES)
+        self.mode_codes = dict(sorted(MODES.items(), key=lambda kv: kv[1]))  # registered modes
+        self._codes = max(MODES.values()) + 1
+        self._hist = self._MODE + self._codes
         self.acc = torch.zeros(self._hist + bins, dtype=torch.float64, device=device)
         self.last_hist: list[float] = []
 
@@ -117,7 +119,7 @@ class PalMonitor:
         else:
             parts.append(torch.zeros(6, dtype=torch.float64, device=dev))
             hist = torch.zeros(self.bins, dtype=torch.float64, device=dev)
-        parts.append(F.one_hot(mode[:1].long(), len(self.MODE_NAMES))[0].double())
+        parts.append(F.one_hot(mode[:1].long(), self._codes)[0].double())
         parts.append(hist)
         self.acc += torch.cat(parts)
 
@@ -136,7 +138,7 @@ class PalMonitor:
         tot = all_reduce_sum(self.acc.clone()).tolist()
         self.reset()
         n = max(tot[self._N], 1.0)
-        out = {f"mode_{m}": tot[self._MODE + i] / n for i, m in enumerate(self.MODE_NAMES)}
+        out = {f"mode_{m}": tot[self._MODE + c] / n for m, c in self.mode_codes.items()}
         self.last_hist = tot[self._hist:]
         if not self.pal:
             return out

@@ -1,11 +1,9 @@
 """The training loss of each mixing method (DeiT's split: a loss that needs attention lives here).
 
-method   MixConfig preset               targets (mixpro_dali.mix_targets)
-none     none                           smoothed one-hot of label_a (lam = 1)
-deit     deit (Mixup 0.5 / CutMix 0.5)  area / blend labels
-maskmix  maskmix                        area labels (exact token share)
-transmix transmix                       TransMix labels on CutMix batches (class attention)
-mixpro   mixpro | mixpro-official       PAL on MaskMix batches (class attention), paper|official
+Each method's MixConfig preset and label rule come from its row in `mixpro_dali.methods`
+(none/deit/maskmix: area labels; transmix: TransMix on CutMix rows; mixpro / mixpro-official:
+PAL on MaskMix rows, paper / official variant). The trainer's `mix.preset: official` picks the
+official variant of `mix.method` (`resolve_method`).
 """
 from __future__ import annotations
 
@@ -17,17 +15,22 @@ from torch import nn
 from mixpro_dali.attention import ClsAttention
 from mixpro_dali.config import MixConfig
 from mixpro_dali.labels import mix_targets, soft_target_cross_entropy
+from mixpro_dali.methods import METHODS, resolve_method
 
 __all__ = ["LABEL_METHOD", "mix_config_for", "MixLoss"]
 
-LABEL_METHOD = {"none": "area", "deit": "area", "maskmix": "area", "transmix": "transmix",
-                "mixpro": "mixpro"}
+
+def __getattr__(name: str) -> Any:
+    if name == "LABEL_METHOD":  # the old method -> mix_targets rule table, from the registry
+        return {n: m.label for n, m in METHODS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def mix_config_for(method: str, preset: str, *, image_size: int, patch_size: int,
+def mix_config_for(method: str, preset: str | None = None, *, image_size: int, patch_size: int,
                    mask_patch: int, seed: int, options: Mapping[str, Any]) -> MixConfig:
-    """The MixConfig the loader's MaskMix operator draws from, for a training method."""
-    name = "mixpro-official" if (method, preset) == ("mixpro", "official") else method
+    """The MixConfig the loader's MaskMix operator draws from, for a training method (and the
+    trainer's `mix.preset`: 'official' picks the method's official variant)."""
+    name = resolve_method(method, preset).name
     return MixConfig.preset(name, image_size=image_size, patch_size=patch_size,
                             mask_patch=mask_patch, seed=seed, **dict(options))
 
@@ -38,10 +41,14 @@ class MixLoss:
     `mix_config`, its geometry is checked against the attention grid up front (CA-Swin /
     CA-PVT: MaskMix cells must be multiples of the final-stage stride)."""
 
-    def __init__(self, model: nn.Module, *, method: str, preset: str, num_classes: int,
-                 smoothing: float, mix_config: MixConfig | None = None) -> None:
-        self.label_method = LABEL_METHOD[method]
-        self.preset = preset
+    def __init__(self, model: nn.Module, *, method: str, preset: str | None = None,
+                 num_classes: int, smoothing: float,
+                 mix_config: MixConfig | None = None) -> None:
+        row = resolve_method(method, preset)
+        self.method = row.name
+        self.label_method = row.label
+        self.label_variant = row.label_variant
+        self.label_modes = row.attention_modes
         self.num_classes = num_classes
         self.smoothing = smoothing
         self.attention = ClsAttention(model) if self.label_method != "area" else None
@@ -56,7 +63,8 @@ class MixLoss:
         attn = self.attention.maps if self.attention is not None else None  # (B, h*w)
         t = mix_targets(logits, batch["label_a"], batch["label_b"], batch["lam"], batch["mode"],
                         batch["token_mask"], attn, num_classes=self.num_classes,
-                        smoothing=self.smoothing, method=self.label_method, preset=self.preset)
+                        smoothing=self.smoothing, method=self.label_method,
+                        label_variant=self.label_variant, label_modes=self.label_modes)
         return soft_target_cross_entropy(logits, t.target), t
 
     def remove(self) -> None:
