@@ -1,18 +1,23 @@
 """Shared fixtures: real image trees encoded by the tests (see jpeg_factory.py), written once per
-session under pytest's temporary folder."""
+session under pytest's temporary folder, and the torch `device` (cpu; cuda, skipped without a
+GPU: see devices.py). The helper modules of tests/ are importable by name (pyproject.toml's
+pytest `pythonpath`)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import jpeg_factory as jf  # noqa: E402
+import jpeg_factory as jf
+from devices import DEVICES
 
 N_INDEXED = 23          # odd on purpose: shards and batches never divide it
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """"cpu", then "cuda" (skipped without a CUDA GPU)."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

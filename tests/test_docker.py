@@ -451,6 +451,7 @@ def test_entry_points_the_launcher_names_exist():
 
 
 # ---- python -m mixpro_dali.smoke ------------------------------------------------------------------
+@pytest.mark.slow
 def test_smoke_passes_on_cpu():
     result = subprocess.run(
         [sys.executable, "-m", "mixpro_dali.smoke"], capture_output=True, text=True, cwd=ROOT
@@ -463,11 +464,10 @@ def test_smoke_passes_on_cpu():
 
 
 def test_smoke_require_gpu_fails_without_one(capsys):
-    import torch
-
+    from devices import HAS_CUDA
     from mixpro_dali import smoke
 
-    if torch.cuda.is_available():
+    if HAS_CUDA:
         assert smoke.main(["--require-gpu"]) == 0
         assert "ok    DALI gpu pipeline" in capsys.readouterr().out
     else:

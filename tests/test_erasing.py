@@ -12,6 +12,7 @@ from pipelines.erasing import random_erasing
 from pipelines.compat import shutdown_pipeline
 from timm.data.random_erasing import RandomErasing
 from dali_checks import assert_checkpoint_resumes_exactly
+from devices import needs_cuda
 
 H, W = 24, 40
 
@@ -200,7 +201,7 @@ def test_torch_kernels_refuse_gpu_images():
         pipe()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("mode", ["pixel", "rand", "const"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_gpu_erasing_matches_the_cpu_boxes(mode, dtype):

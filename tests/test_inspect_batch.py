@@ -14,9 +14,6 @@ from train.dist import init_distributed
 from train.losses import mix_config_for
 from train.main import build_loaders, build_model
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))]
-
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
@@ -52,7 +49,6 @@ def red(px) -> bool:
     return tuple(px) == ib.REGION_RGB
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_png_outlines_the_token_mask_of_the_trainers_batch(tree, tmp_path, device, capsys):
     argv = overrides(tree, device)
     out = tmp_path / "grid.png"

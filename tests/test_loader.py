@@ -11,6 +11,7 @@ from pipelines.badfiles import BadImageError
 from pipelines.loader import TrainLoader, ValLoader, image_dtype, resolve_device
 from pipelines.val_pipeline import normalize_dtype
 from pipelines.scan import main as scan_main
+from devices import HAS_CUDA, needs_cuda
 
 PLAIN = dict(auto_augment=None, re_prob=0.0, device="cpu", image_size=32)
 MIX = MixConfig(image_size=32, patch_size=8, mask_patch=16, seed=7,
@@ -148,7 +149,7 @@ def test_argument_errors(indexed, flavour_tree):
         ValLoader(indexed.list, batch_size=4, device="cpu", crop_pct=1.5)
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
         resolve_device("tpu")
-    if not torch.cuda.is_available():
+    if not HAS_CUDA:
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             resolve_device("cuda")
         assert resolve_device("auto") == (torch.device("cpu"), "cpu", None)
@@ -199,7 +200,7 @@ def test_cpu_loaders_run_without_a_stream_and_give_the_asked_dtype(indexed):
     assert torch.equal(v["image"], ref.to(torch.bfloat16))     # one rounding of the float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_gpu_loaders_give_the_amp_dtype_on_the_device(indexed, dtype):
     kw = dict(batch_size=4, image_size=32, device="cuda", dtype=dtype)

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mixpro_dali import (MODES, MixConfig, apply_mix, area_lambda, mix_samples, sample_mix,
                          stage_params)
 from mixpro_dali.masks import cells_to_tokens
+from devices import needs_cuda
 
 SIZES = [  # (image_size, patch, cell): dividing and non-dividing cells, non-square images
     ((224, 224), 16, 64), ((224, 224), 16, 32), ((224, 224), 14, 56), ((32, 48), 4, 12),
@@ -353,7 +354,7 @@ def test_stage_params_is_the_identity_on_cpu():
     assert stage_params(p, "cpu") is p
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@needs_cuda
 def test_stage_params_and_apply_mix_on_cuda_equal_cpu_without_sync():
     cfg = MixConfig.preset("mixpro-official", image_size=(48, 80), patch_size=8, mask_patch=24, seed=1)
     x = torch.randn(8, 3, 48, 80).half()

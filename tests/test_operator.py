@@ -8,10 +8,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mixpro_dali import MODES, MixConfig, apply_mix, mix, sample_mix
 from mixpro_dali.operator import batch_view
 from pipelines.compat import shutdown_pipeline
+from devices import DALI_DEVICES
 
 B = 8
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
 
 
 _BUILT = []
@@ -74,7 +73,7 @@ def run(p):
     return [np.array((o.as_cpu() if hasattr(o, "as_cpu") else o).as_tensor()) for o in outs]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DALI_DEVICES)
 @pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float32), ("CHW", np.float16)])
 @pytest.mark.parametrize("partner", ["flip", "perm"])
 def test_every_token_from_exactly_one_image(device, layout, dtype, partner):
@@ -108,7 +107,7 @@ def test_every_token_from_exactly_one_image(device, layout, dtype, partner):
         np.testing.assert_allclose(share[~self_pair], lam[~self_pair], atol=1e-7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DALI_DEVICES)
 @pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float16), ("CHW", np.float32)])
 def test_operator_equals_plain_torch_kernel(device, layout, dtype):
     """Bitwise against `apply_mix` on every mode (mixpro-official: MaskMix, Mixup, CutMix) and on

@@ -11,8 +11,8 @@ from mixpro_dali import MODES, MixConfig
 from pipelines.decode import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.compat import shutdown_pipeline
 from pipelines.loader import TrainLoader, ValLoader
+from devices import needs_cuda
 
-HAS_CUDA = torch.cuda.is_available()
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 LO, HI = (0 - MEAN) / STD, (1 - MEAN) / STD          # normalized range of [0, 255] pixels
@@ -195,7 +195,7 @@ def test_fashion_mnist_tree_when_available(tmp_path):
     assert sum(len(b["label_a"]) for b in train) == 40
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@needs_cuda
 def test_gpu_matches_cpu_validation(flavour_tree):
     cpu = list(ValLoader(flavour_tree.root, batch_size=24, image_size=32, device="cpu"))[0]
     gpu = list(ValLoader(flavour_tree.root, batch_size=24, image_size=32, device="cuda"))[0]
@@ -205,7 +205,7 @@ def test_gpu_matches_cpu_validation(flavour_tree):
     assert (cpu["image"] - gpu["image"].cpu()).abs().mean() < 0.05
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@needs_cuda
 def test_gpu_training_batches_live_on_the_gpu(flavour_tree):
     cfg = MixConfig.preset("mixpro", image_size=32, patch_size=8, mask_patch=16, seed=1)
     loader = TrainLoader(flavour_tree.root, batch_size=8, image_size=32, mix=cfg, device="cuda",

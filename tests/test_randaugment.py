@@ -20,9 +20,9 @@ from pipelines.ra_kernels import RandAugmentLayer, equalize
 from timm.data import auto_augment as taa
 from dali_checks import assert_checkpoint_resumes_exactly
 import jpeg_factory as jf
+from devices import DALI_DEVICES
 
 FILL = (124, 116, 104)
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 
 
@@ -303,7 +303,6 @@ def equalize_inputs():
     return out + [flat, odd, two, np.full((1, 1, 3), 77, np.uint8)]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_equalize_kernel_is_pillow_bitwise(device):
     inputs = equalize_inputs()
     assert np.mean(inputs[1] == 255) > 0.3                       # highlights really clip
@@ -313,7 +312,7 @@ def test_equalize_kernel_is_pillow_bitwise(device):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=CUDA)])
+@pytest.mark.parametrize("device", DALI_DEVICES)
 def test_equalize_in_the_dali_graph_is_pillow_bitwise(device):
     """The DALI-kernel path (the gpu default) runs the torch kernel inside the conditional
     split of auto_aug, on the images' device; the draws leave some images alone."""

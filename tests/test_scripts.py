@@ -38,6 +38,7 @@ def test_script_help_exits_0(name, capsys):
     assert out.startswith("usage: ") and "--help" in out, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_python_dash_m_runs_the_same_main(name):
     module, main = resolve(SCRIPTS[name])

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from train.bench import main
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--device", "cpu", "--methods", "none,mixpro", "--modes", "e2e", "--batch-size", "8",

@@ -106,6 +106,7 @@ def test_two_steps_each_method(tree, tmp_path, method, preset, extra):
                       "eval_top5", "lr"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_reproduces_losses(tree, tmp_path, monkeypatch):
     """Kill -9 mid-epoch (after the step-3 checkpoint); the resumed run's next losses equal the
     uninterrupted run's, bit for bit (model, optimizer, schedule, RNG, DALI + MaskMix state)."""

@@ -14,6 +14,7 @@ from train.dist import DistInfo
 from train.engine import Engine, NonFiniteLossError, TrainState, group_size, topk_correct
 from train.losses import MixLoss
 from train.optim import build_optimizer, build_scheduler, scaled_lr
+from devices import needs_cuda
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -192,7 +193,7 @@ def test_evaluate_equals_one_pass_over_all_samples():
     assert res["top5"] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_evaluate_on_cuda_syncs_once_not_per_batch():
     import warnings
 

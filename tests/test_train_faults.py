@@ -20,6 +20,7 @@ import yaml
 from test_train_e2e import KWARGS, make_tree, tiny_config
 from train import checkpoint as ckpt_io
 from train.__main__ import main as cli_main
+from devices import HAS_CUDA, needs_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -154,7 +155,7 @@ def test_bad_model_kwargs_and_device_fail_up_front(tmp_path, capsys):
     assert cli_main([*missing, "--model.kwargs.img_size", "32"]) == 2
     assert "data.image_size=28 but vit_tiny_patch16_224 is built for 32x32" in \
         capsys.readouterr().err
-    if not torch.cuda.is_available():
+    if not HAS_CUDA:
         assert cli_main([*missing, "--run.device", "cuda"]) == 2
         err = capsys.readouterr().err
         assert "run.device='cuda' but no CUDA device is visible" in err and "Traceback" not in err
@@ -192,6 +193,7 @@ def _compare_runs(ref: Path, got: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_kills_in_the_commit_sequence_resume_to_the_same_files(tmp_path):
     """3 epochs x 2 steps, last.pth every step, epoch_NNNN.pth every epoch. The killed run dies
     at five points in turn, each resume carrying on from what the last kill left."""
@@ -242,7 +244,7 @@ def test_save_moves_state_to_cpu_in_one_wait(monkeypatch):
     assert not calls and out["b"][1] == (1, 2.5) and torch.equal(out["a"], sd["a"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_to_cpu_syncs_once_on_cuda(monkeypatch):
     model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **KWARGS).cuda()
     calls = []

@@ -23,6 +23,7 @@ from train.engine import PalMonitor, TrainState
 from train.losses import MixLoss
 from train.main import run
 from train.pal_plot import main as plot_main
+from devices import needs_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,7 @@ def test_monitor_state_round_trip_and_empty_epoch():
     assert math.isnan(m["pal_alpha_mean"]) and m["mode_maskmix"] == 0.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync check)")
+@needs_cuda                      # the sync check
 def test_monitor_update_does_not_sync_on_cuda():
     dev = torch.device("cuda")
     model = tiny_vit().to(dev)
