@@ -36,12 +36,13 @@ from typing import Any, Callable, Iterator
 from .bench_report import (MemorySampler, cpu_seconds, machine_info, markdown_table,
                            median_ratios, settle, write_outputs)
 from .compat import shutdown_dataloader_workers
+from .options import DEFAULT_AUTO_AUGMENT, DataOptions
 
 __all__ = ["CONFIGS", "RECIPES", "bench_dali", "bench_torchvision", "run_pipeline_bench", "main"]
 
-RECIPES = {"full": dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25),
+RECIPES = {"full": dict(auto_augment=DEFAULT_AUTO_AUGMENT, re_prob=0.25),
            "no-ra-erasing": dict(auto_augment=None, re_prob=0.0),
-           "ra-only": dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0),   # stage profile
+           "ra-only": dict(auto_augment=DEFAULT_AUTO_AUGMENT, re_prob=0.0),   # stage profile
            "erasing-only": dict(auto_augment=None, re_prob=0.25)}
 CONFIGS = ("dali", "dali+maskmix", "dali+mixpro", "torchvision+timm")  # the default selection
 
@@ -140,8 +141,9 @@ def bench_dali(data: Path, *, preset: str, batch: int, threads: int, size: int, 
     from .loader import TrainLoader
 
     mix = MixConfig.preset(preset, image_size=size, patch_size=16, mask_patch=mask_patch, seed=0)
-    loader = TrainLoader(data, batch_size=batch, image_size=size, device=device,
-                         num_threads=threads, mix=mix, **RECIPES[recipe])
+    options = DataOptions(image_size=size, **RECIPES[recipe])
+    loader = TrainLoader(data, batch_size=batch, options=options, device=device,
+                         num_threads=threads, mix=mix)
 
     def gen():
         while True:

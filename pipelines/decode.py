@@ -19,6 +19,7 @@ from typing import Sequence
 from .compat import resize_aa_into
 
 __all__ = ["INTERPOLATIONS", "BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "DTYPES",
+           "DEFAULT_HW_DECODER_LOAD",
            "decode_random_crop", "decode", "resize_train", "resize_shorter", "normalize",
            "guard"]
 
@@ -27,6 +28,8 @@ BACKENDS = ("cpu", "gpu")
 DTYPES = ("float32", "float16", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_HW_DECODER_LOAD = 0.65
+"""Share of each batch on the hardware JPEG decoder (GPU decode), the rest on nvJPEG's CUDA path."""
 
 
 def _interp(name: str):
@@ -52,7 +55,7 @@ def _gpu_args(backend: str, hw_decoder_load: float) -> dict:
 
 
 def decode_random_crop(encoded, *, backend: str, scale: Sequence[float], ratio: Sequence[float],
-                       hw_decoder_load: float = 0.65):
+                       hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
     """Decode only a random region (RandomResizedCrop's area `scale` and aspect `ratio`, 10
     tries, then the whole image as fallback): HWC uint8 RGB of varying size."""
     from nvidia.dali import fn, types
@@ -63,7 +66,7 @@ def decode_random_crop(encoded, *, backend: str, scale: Sequence[float], ratio: 
         **_gpu_args(backend, hw_decoder_load))
 
 
-def decode(encoded, *, backend: str, hw_decoder_load: float = 0.65):
+def decode(encoded, *, backend: str, hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
     """Decode whole images: HWC uint8 RGB."""
     from nvidia.dali import fn, types
 

@@ -15,7 +15,7 @@ batch counter to the consumed count (its own counter runs ahead with DALI's pref
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -23,12 +23,13 @@ from mixpro_dali import MixConfig
 
 from .badfiles import explain_failure
 from .compat import shutdown_pipeline, storage_holders
-from .decode import DTYPES, IMAGENET_MEAN, IMAGENET_STD
+from .decode import DTYPES
+from .options import DataOptions
 from .readers import READER_NAME, epoch_runs, resolve_source, shard_size
-from .train_pipeline import TRAIN_OUTPUTS, TrainOptions, build_train_pipeline, no_mix_config
+from .train_pipeline import TRAIN_OUTPUTS, build_train_pipeline, no_mix_config
 from .val_pipeline import VAL_OUTPUTS, build_val_pipeline
 
-__all__ = ["TrainLoader", "ValLoader", "resolve_device", "image_dtype"]
+__all__ = ["TrainLoader", "ValLoader", "DataOptions", "resolve_device", "image_dtype"]
 
 STATE_VERSION = 1
 
@@ -61,13 +62,6 @@ def image_dtype(amp: str, device: str | torch.device) -> str:
     if amp not in AMP_IMAGE_DTYPES:
         raise ValueError(f"amp must be one of {tuple(AMP_IMAGE_DTYPES)}, got {amp!r}")
     return AMP_IMAGE_DTYPES[amp] if torch.device(device).type == "cuda" else "float32"
-
-
-def _as_hw(size: int | Sequence[int], name: str = "image_size") -> tuple[int, int]:
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in hw):
-        raise ValueError(f"{name} must be a positive int or (H, W), got {size!r}")
-    return hw  # type: ignore[return-value]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -217,27 +211,26 @@ class TrainLoader(_DaliLoader):
     start, the same number on every shard). Arguments as docs/interfaces.md; pass the same
     `seed` on every rank (it seeds the one permutation the shards split; augmentations draw
     per shard). exclude: files to leave out (a list, or the file `python -m pipelines.scan ROOT
-    --output bad.txt` writes)."""
+    --output bad.txt` writes). options: the augmentation and decode settings (`DataOptions`,
+    default: its defaults); its fields may also be given as keywords (image_size=32,
+    auto_augment=None, ...), which replace those of `options`."""
 
     _names = TRAIN_OUTPUTS
 
-    def __init__(self, source: Any, batch_size: int = 64, image_size: int | Sequence[int] = 224,
+    def __init__(self, source: Any, batch_size: int = 64, *, options: DataOptions | None = None,
                  mix: MixConfig | None = None, device: str = "auto", shard_id: int = 0,
                  num_shards: int = 1, num_threads: int = 2, seed: int = 0,
-                 auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
-                 interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, dtype: str = "float32",
-                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.5, exclude: str | os.PathLike | Iterable[str] | None = None,
-                 hw_decoder_load: float = 0.65, initial_fill: int = 1024) -> None:
+                 dtype: str = "float32",
+                 exclude: str | os.PathLike | Iterable[str] | None = None,
+                 **option_fields: Any) -> None:
         _check_int("seed", seed, 0)
         self._setup(source, batch_size=batch_size, device=device, shard_id=shard_id,
                     num_shards=num_shards, num_threads=num_threads, exclude=exclude)
-        hw = _as_hw(image_size)
-        self.opts = TrainOptions(
-            image_size=hw, auto_augment=auto_augment, re_prob=re_prob, interpolation=interpolation,
-            mean=tuple(mean), std=tuple(std), dtype=dtype, scale=tuple(scale), ratio=tuple(ratio),
-            hflip=hflip, hw_decoder_load=hw_decoder_load, initial_fill=initial_fill)
+        self.options = DataOptions.resolve(options, option_fields, "TrainLoader")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.dtype = dtype
+        hw = self.options.hw
         self.mix_config = mix if mix is not None else no_mix_config(hw)
         if not isinstance(self.mix_config, MixConfig):
             raise TypeError(f"mix must be a MixConfig or None, got {type(mix).__name__}")
@@ -252,9 +245,15 @@ class TrainLoader(_DaliLoader):
                 f"{shard_size(self.num_samples, 0, num_shards)} of {self.num_samples} samples, "
                 f"fewer than batch_size={batch_size}: no full batch to train on")
 
+    @property
+    def opts(self) -> DataOptions:
+        """Former name of `options`."""
+        return self.options
+
     def _build(self, checkpoint: str | None = None) -> None:
         self._pipe, self.mix_operator, self._tracker = build_train_pipeline(
-            self.source, batch_size=self.batch_size, opts=self.opts, mix_config=self.mix_config,
+            self.source, batch_size=self.batch_size, opts=self.options, dtype=self.dtype,
+            mix_config=self.mix_config,
             backend=self.backend, device_id=self.device_id, shard_id=self.shard_id,
             num_shards=self.num_shards, num_threads=self.num_threads, seed=self.seed,
             mix_start=self._runs, checkpoint=checkpoint)
@@ -312,24 +311,27 @@ class TrainLoader(_DaliLoader):
 class ValLoader(_DaliLoader):
     """Validation batches: dicts with image (B, 3, H, W) normalized and label (B,) int64.
     Across shards every sample appears exactly once (the last batch of a shard may be smaller;
-    shards may differ by one batch). `num_shard_samples`: samples this shard yields."""
+    shards may differ by one batch). `num_shard_samples`: samples this shard yields.
+    options / keyword option fields as in TrainLoader (it reads image_size, crop_pct,
+    interpolation, mean, std and hw_decoder_load)."""
 
     _names = VAL_OUTPUTS
 
-    def __init__(self, source: Any, batch_size: int = 64, image_size: int | Sequence[int] = 224,
-                 crop_pct: float = 0.875, device: str = "auto", shard_id: int = 0,
-                 num_shards: int = 1, num_threads: int = 2, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, dtype: str = "float32",
-                 interpolation: str = "bicubic", hw_decoder_load: float = 0.65,
-                 exclude: str | os.PathLike | Iterable[str] | None = None) -> None:
+    def __init__(self, source: Any, batch_size: int = 64, *, options: DataOptions | None = None,
+                 device: str = "auto", shard_id: int = 0, num_shards: int = 1,
+                 num_threads: int = 2, dtype: str = "float32",
+                 exclude: str | os.PathLike | Iterable[str] | None = None,
+                 **option_fields: Any) -> None:
         self._setup(source, batch_size=batch_size, device=device, shard_id=shard_id,
                     num_shards=num_shards, num_threads=num_threads, exclude=exclude)
+        self.options = o = DataOptions.resolve(options, option_fields, "ValLoader")
+        self.dtype = dtype
         self._image_dtype = getattr(torch, dtype) if dtype in DTYPES else None
         self._pipe, self._tracker = build_val_pipeline(
-            self.source, batch_size=batch_size, image_size=_as_hw(image_size), crop_pct=crop_pct,
-            interpolation=interpolation, mean=tuple(mean), std=tuple(std), dtype=dtype,
+            self.source, batch_size=batch_size, image_size=o.hw, crop_pct=o.crop_pct,
+            interpolation=o.interpolation, mean=o.mean, std=o.std, dtype=dtype,
             backend=self.backend, device_id=self.device_id, shard_id=shard_id,
-            num_shards=num_shards, num_threads=num_threads, hw_decoder_load=hw_decoder_load)
+            num_shards=num_shards, num_threads=num_threads, hw_decoder_load=o.hw_decoder_load)
         self._watch_crashes()
         self._sizes(self._pipe)
         self.num_shard_samples = shard_size(self.num_samples, shard_id, num_shards)

@@ -59,6 +59,7 @@ from nvidia.dali.auto_aug.core import augmentation, select
 from nvidia.dali.data_node import DataNode
 
 from .compat import conditionals_enabled
+from .options import DEFAULT_AUTO_AUGMENT
 
 __all__ = ["RandAugmentPolicy", "parse_policy", "rand_augment", "flip_rand_augment",
            "TRANSFORM_SETS", "OP_NAMES"]
@@ -435,7 +436,7 @@ def _check_input(images, fill):
 KERNELS = ("auto", "pillow", "dali")
 
 
-def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-mstd0.5-inc1", *,
+def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = DEFAULT_AUTO_AUGMENT, *,
                  fill: int | Sequence[int] | None = IMAGENET_FILL,
                  seed: int | None = None, kernels: str = "auto",
                  threads: int | None = None) -> DataNode:
@@ -446,7 +447,7 @@ def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = "rand-m9-ms
 
 
 def flip_rand_augment(images: DataNode, mirror: DataNode | None,
-                      policy: str | RandAugmentPolicy = "rand-m9-mstd0.5-inc1", *,
+                      policy: str | RandAugmentPolicy = DEFAULT_AUTO_AUGMENT, *,
                       fill: int | Sequence[int] | None = IMAGENET_FILL, seed: int | None = None,
                       kernels: str = "auto", threads: int | None = None
                       ) -> tuple[DataNode, DataNode | None]:

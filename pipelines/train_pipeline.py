@@ -19,18 +19,14 @@ the float16 saving in erasing and mixing, and a float32 output then needs no cas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 from mixpro_dali import MixConfig, MaskMixOperator, mix
 
 from .badfiles import SampleTracker
-from .decode import (DTYPES, IMAGENET_MEAN, IMAGENET_STD, decode_random_crop, guard, normalize,
-                     resize_train)
+from .decode import DTYPES, decode_random_crop, guard, normalize, resize_train
+from .options import DataOptions
 from .readers import Source, read
-
-if TYPE_CHECKING:
-    from .randaugment import RandAugmentPolicy
 
 __all__ = ["TrainOptions", "TRAIN_OUTPUTS", "pipeline_dtype", "build_train_pipeline",
            "pipeline_seed", "no_mix_config"]
@@ -44,37 +40,8 @@ TRAIN_OUTPUTS = ("image", "label_a", "label_b", "lam", "token_mask", "mode", "_c
 """Pipeline outputs in order; names starting with '_' are internal (not given to users)."""
 
 
-@dataclass(frozen=True)
-class TrainOptions:
-    """Augmentation settings of the training pipeline (defaults: DeiT / MixPro recipe).
-    auto_augment: a timm RandAugment string, a RandAugmentPolicy, or None (off)."""
-
-    image_size: tuple[int, int] = (224, 224)
-    auto_augment: "str | RandAugmentPolicy | None" = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25
-    interpolation: str = "bicubic"
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
-    dtype: str = "float32"
-    scale: Sequence[float] = (0.08, 1.0)
-    ratio: Sequence[float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    hw_decoder_load: float = 0.65
-    initial_fill: int = 1024
-
-    def __post_init__(self) -> None:
-        lo, hi = self.scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(self.scale)!r}")
-        lo, hi = self.ratio
-        if not 0 < lo <= hi:
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(self.ratio)!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("re_prob", "hflip"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+TrainOptions = DataOptions
+"""Former name of the training pipeline's options (kept as an alias): `DataOptions`."""
 
 
 def pipeline_seed(seed: int, shard_id: int) -> int:
@@ -89,7 +56,7 @@ def no_mix_config(image_size: tuple[int, int]) -> MixConfig:
     return MixConfig.preset("none", image_size=image_size, patch_size=patch, mask_patch=patch)
 
 
-def _augmentations(opts: TrainOptions):
+def _augmentations(opts: DataOptions):
     """(rand_augment, random_erasing), each None when the options switch it off."""
     from .erasing import random_erasing
     from .randaugment import flip_rand_augment
@@ -98,21 +65,24 @@ def _augmentations(opts: TrainOptions):
             random_erasing if opts.re_prob > 0 else None)
 
 
-def build_train_pipeline(source: Source, *, batch_size: int, opts: TrainOptions,
+def build_train_pipeline(source: Source, *, batch_size: int, opts: DataOptions,
                          mix_config: MixConfig, backend: str, device_id: int | None,
                          shard_id: int, num_shards: int, num_threads: int, seed: int,
                          mix_start: int = 0, checkpoint: str | None = None,
-                         prefetch_queue_depth: int = 2
+                         prefetch_queue_depth: int = 2, dtype: str = "float32"
                          ) -> tuple[Any, MaskMixOperator, SampleTracker]:
     """Build the training pipeline. Returns (pipeline, mix operator, tracker).
 
-    mix_start: batch index the MaskMix operator starts from (resume); checkpoint: a DALI
-    checkpoint (readers + RNG) to restore."""
+    dtype: the loader's output dtype (sets `pipeline_dtype`); mix_start: batch index the
+    MaskMix operator starts from (resume); checkpoint: a DALI checkpoint (readers + RNG) to
+    restore."""
     from nvidia.dali import fn, pipeline_def
 
-    if tuple(mix_config.image_size) != tuple(opts.image_size):
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if tuple(mix_config.image_size) != opts.hw:
         raise ValueError(f"mix config image_size {tuple(mix_config.image_size)} must equal the "
-                         f"training image_size {tuple(opts.image_size)}")
+                         f"training image_size {opts.hw}")
     rand_augment, random_erasing = _augmentations(opts)
     tracker = SampleTracker()
     held: dict[str, MaskMixOperator] = {}
@@ -126,14 +96,14 @@ def build_train_pipeline(source: Source, *, batch_size: int, opts: TrainOptions,
         checked = guard(encoded, tracker)
         images = decode_random_crop(encoded, backend=backend, scale=opts.scale,
                                     ratio=opts.ratio, hw_decoder_load=opts.hw_decoder_load)
-        images = resize_train(images, opts.image_size, opts.interpolation, backend=backend,
+        images = resize_train(images, opts.hw, opts.interpolation, backend=backend,
                               threads=num_threads)
         mirror = fn.random.coin_flip(probability=opts.hflip) if opts.hflip > 0 else None
         if rand_augment is not None:                            # timm: flip, then RandAugment
             fill = tuple(round(255 * m) for m in opts.mean)     # timm: img_mean
             images, mirror = rand_augment(images, mirror, opts.auto_augment, fill=fill)
         images = normalize(images, mean=opts.mean, std=opts.std,
-                           dtype=pipeline_dtype(backend, opts.dtype), mirror=mirror)
+                           dtype=pipeline_dtype(backend, dtype), mirror=mirror)
         if random_erasing is not None:
             images = random_erasing(images, prob=opts.re_prob, mode="pixel")
         out = mix(images, labels, mix_config, layout="CHW", shard_id=shard_id)

@@ -6,7 +6,7 @@ import math
 from typing import Any, Sequence
 
 from .badfiles import SampleTracker
-from .decode import decode, guard, normalize, resize_shorter, resize_train
+from .decode import DEFAULT_HW_DECODER_LOAD, decode, guard, normalize, resize_shorter, resize_train
 from .readers import Source, read
 
 __all__ = ["VAL_OUTPUTS", "build_val_pipeline", "resize_size", "normalize_dtype"]
@@ -32,7 +32,7 @@ def build_val_pipeline(source: Source, *, batch_size: int, image_size: tuple[int
                        crop_pct: float, interpolation: str, mean: Sequence[float],
                        std: Sequence[float], dtype: str, backend: str, device_id: int | None,
                        shard_id: int, num_shards: int, num_threads: int,
-                       hw_decoder_load: float = 0.65, prefetch_queue_depth: int = 2
+                       hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD, prefetch_queue_depth: int = 2
                        ) -> tuple[Any, SampleTracker]:
     """Build the validation pipeline. Returns (pipeline, tracker)."""
     from nvidia.dali import pipeline_def

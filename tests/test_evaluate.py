@@ -4,6 +4,7 @@ the evaluation loop against a manual loop, and the CLI end to end on real JPEGs 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,3 +395,48 @@ def test_cli_errors(ckpt_and_data, capsys, tmp_path):
     torch.save({"model": {}}, tmp_path / "plain.pth")
     assert ev.main([str(tmp_path / "plain.pth"), "--data", str(base / "val")]) == 2
     assert "is not a python -m train checkpoint" in capsys.readouterr().err
+
+
+def test_cli_honours_the_runs_exclude_list_like_training(tmp_path):
+    """evaluate builds its loader with the training run's builder (train.main.build_val_loader):
+    the run's data.exclude leaves a broken file and a listed good one out, and the images equal
+    those of the training run's validation loader."""
+    from pipelines.badfiles import BadImageError
+    from train.dist import DistInfo
+    from train.main import build_loaders
+
+    files, _ = jf.class_tree(tmp_path / "val", classes=3, per_class=6, size=(16, 16), ext=".jpg")
+    broken = sorted(files)[4]
+    Path(broken).write_bytes(jf.bad_bytes("text", Path(broken).read_bytes()))
+    listing = tmp_path / "bad.txt"
+    listing.write_text(f"{broken}\tcannot decode\n{sorted(files)[9]}\n")
+    data = {"train": str(tmp_path / "val"), "val": str(tmp_path / "val"), "image_size": 16,
+            "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+            "batch_size": 4, "val_batch_size": 4, "exclude": str(listing)}
+    cfg = TrainConfig.from_dict({
+        "data": data,
+        "model": {"name": "vit_tiny_patch16_224", "num_classes": 3, "drop_path": 0.0,
+                  "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 24, "depth": 2,
+                             "num_heads": 2}},
+        "mix": {"method": "none"}, "run": {"seed": 0}})
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"config": cfg.to_dict(), "model": _tiny_vit().state_dict()}, run / "last.pth")
+    out = tmp_path / "e.json"
+    assert ev.main([str(run), "--data", str(tmp_path / "val"), "--ratios", "0", "--modes",
+                    "--batch-size", "4", "--device", "cpu", "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["num_samples"] == 16
+
+    val = ev._loader(str(tmp_path / "val"), cfg, 4, "cpu", 1)
+    assert val.source.excluded == 2 and str(broken) not in val.source.files
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train_loader, train_val = build_loaders(cfg, dist, None, data["train"], data["val"])
+    train_loader.close()
+    for a, b in zip(val, train_val, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    # without the list, the broken file stops the evaluation
+    torch.save({"config": {**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "exclude": None}},
+                "model": _tiny_vit().state_dict()}, run / "last.pth")
+    with pytest.raises(BadImageError, match=r"cannot decode '.*img_004\.jpg'"):
+        ev.main([str(run), "--data", str(tmp_path / "val"), "--ratios", "0", "--modes",
+                 "--batch-size", "4", "--device", "cpu", "--quiet"])

@@ -20,13 +20,12 @@ from typing import Any, Mapping, Union
 import yaml
 
 from mixpro_dali.methods import base_methods, resolve_method
+from pipelines.options import DataOptions
 
 __all__ = ["DataConfig", "ModelConfig", "MixSection", "OptimConfig", "RunConfig", "TrainConfig",
            "METHODS", "load_yaml", "apply_overrides", "resolve_config_path", "CONFIG_DIR"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def __getattr__(name: str) -> Any:
@@ -41,31 +40,27 @@ def _check(cond: bool, name: str, value: Any, valid: str) -> None:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Sources and augmentation. train/val: class-folder root, file list or WebDataset shards.
-    demo: with train/val unset, use the embedded Fashion-MNIST (prepared once into cache_dir)."""
+class DataConfig(DataOptions):
+    """Sources, batching and the data options. train/val: class-folder root, file list or
+    WebDataset shards. demo: with train/val unset, use the embedded Fashion-MNIST (prepared once
+    into cache_dir). The augmentation and decode keys (image_size, auto_augment, re_prob,
+    interpolation, scale, ratio, hflip, crop_pct, mean, std, hw_decoder_load, initial_fill) are
+    `pipelines.options.DataOptions`, declared and validated there; `data_options()` gives them
+    to the loaders whole. image_size is a single int here (square images)."""
 
     demo: bool = False
     train: Union[str, None] = None
     val: Union[str, None] = None
-    image_size: int = 224
     batch_size: int = 128            # per rank (per GPU)
     val_batch_size: Union[int, None] = None  # None: 2 x batch_size
     num_threads: int = 4             # DALI CPU threads per rank
-    auto_augment: Union[str, None] = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25
-    interpolation: str = "bicubic"
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
-    hflip: float = 0.5
-    crop_pct: float = 0.875
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
     cache_dir: Union[str, None] = None     # demo cache; None: $MIXPRO_DALI_CACHE or ~/.cache
     demo_train_size: int = 20000
     demo_val_size: int = 5000
     demo_raw_dir: Union[str, None] = None  # folder with the four Fashion-MNIST .gz files
     exclude: Union[str, None] = None       # list of bad files (python -m pipelines.scan ROOT -o)
+
+    _prefix = "data."
 
     def __post_init__(self) -> None:
         if (self.train is None) != (self.val is None):
@@ -76,21 +71,15 @@ class DataConfig:
             raise ValueError("no dataset: set --data.train DIR --data.val DIR (class folders, "
                              "file list or WebDataset shards), or --data.demo true for the "
                              "embedded Fashion-MNIST demo")
-        for name in ("image_size", "batch_size", "num_threads", "demo_train_size",
-                     "demo_val_size"):
+        _check(isinstance(self.image_size, int) and self.image_size > 0, "data.image_size",
+               self.image_size, "a positive int")
+        for name in ("batch_size", "num_threads", "demo_train_size", "demo_val_size"):
             v = getattr(self, name)
             _check(v > 0, f"data.{name}", v, "a positive int")
         if self.val_batch_size is not None:
             _check(self.val_batch_size > 0, "data.val_batch_size", self.val_batch_size,
                    "a positive int or null")
-        _check(0.0 <= self.re_prob <= 1.0, "data.re_prob", self.re_prob, "in [0, 1]")
-        _check(0.0 <= self.hflip <= 1.0, "data.hflip", self.hflip, "in [0, 1]")
-        _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "in (0, 1]")
-        _check(0.0 < self.scale[0] <= self.scale[1] <= 1.0, "data.scale", self.scale,
-               "(lo, hi) with 0 < lo <= hi <= 1")
-        _check(0.0 < self.ratio[0] <= self.ratio[1], "data.ratio", self.ratio,
-               "(lo, hi) with 0 < lo <= hi")
-        _check(all(s > 0 for s in self.std), "data.std", self.std, "positive")
+        super().__post_init__()
 
     @property
     def use_demo(self) -> bool:

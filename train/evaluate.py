@@ -293,13 +293,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loader(source: str, cfg, batch_size: int, device: str, num_threads: int):
-    """The training run's validation preprocessing (as train.main.build_loaders)."""
-    from pipelines.loader import ValLoader
-    d = cfg.data
-    return ValLoader(source, batch_size=batch_size, image_size=d.image_size,
-                     crop_pct=d.crop_pct, interpolation=d.interpolation, device=device,
-                     num_threads=num_threads, mean=tuple(d.mean), std=tuple(d.std))
+def _loader(source: str, cfg, batch_size: int, device: str, num_threads: int,
+            in_distribution: bool = True):
+    """The training run's validation loader (train.main.build_val_loader): its data options
+    and, for the in-distribution data, its data.exclude. float32 images whatever run.amp was:
+    the model is evaluated in float32, without autocast."""
+    from .main import build_val_loader
+    kw = {} if in_distribution else {"exclude": None}
+    return build_val_loader(cfg, source, device=device, dtype="float32", batch_size=batch_size,
+                            num_threads=num_threads, **kw)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -325,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     s_in = res.pop("msp")
     if args.ood:
         s_out, y_out = msp_scores(model, _loader(args.ood, cfg, args.batch_size, dev.type,
-                                                 args.num_threads))
+                                                 args.num_threads, in_distribution=False))
         res["ood"] = {**ood_report(s_in, s_out, y_out), "source": args.ood}
     res.update({"checkpoint": str(ck), "data": args.data, "model": cfg.model.name,
                 "method": cfg.mix.method, "preset": cfg.mix.preset, "seed": cfg.run.seed,

@@ -28,7 +28,7 @@ from .pal_plot import PAL_FILE
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .summary import Progress, Reporter, fmt_time, format_table, write_summary
 
-__all__ = ["run", "build_model", "resolve_data", "build_loaders"]
+__all__ = ["run", "build_model", "resolve_data", "build_loaders", "build_val_loader"]
 
 
 def _say(dist: DistInfo, *msg: Any) -> None:
@@ -100,20 +100,36 @@ def resolve_data(cfg: TrainConfig, dist: DistInfo) -> tuple[str, str]:
 
 
 def build_loaders(cfg: TrainConfig, dist: DistInfo, mix_cfg, train_src: str, val_src: str):
-    from pipelines.loader import TrainLoader, ValLoader, image_dtype
+    from pipelines.loader import TrainLoader, image_dtype
     d = cfg.data
     dev = dist.device.type
     dtype = image_dtype(cfg.run.amp, dev)          # bf16/fp16 images under AMP on the GPU
-    common = dict(image_size=d.image_size, device=dev, shard_id=dist.rank,
-                  num_shards=dist.world_size, num_threads=d.num_threads, mean=tuple(d.mean),
-                  std=tuple(d.std), dtype=dtype, exclude=d.exclude)
-    train = TrainLoader(train_src, batch_size=d.batch_size, mix=mix_cfg, seed=cfg.run.seed,
-                        auto_augment=d.auto_augment, re_prob=d.re_prob,
-                        interpolation=d.interpolation, scale=tuple(d.scale),
-                        ratio=tuple(d.ratio), hflip=d.hflip, **common)
-    val = ValLoader(val_src, batch_size=d.val_batch_size or 2 * d.batch_size,
-                    crop_pct=d.crop_pct, interpolation=d.interpolation, **common)
+    train = TrainLoader(train_src, batch_size=d.batch_size, options=d.data_options(),
+                        mix=mix_cfg, seed=cfg.run.seed, device=dev, shard_id=dist.rank,
+                        num_shards=dist.world_size, num_threads=d.num_threads, dtype=dtype,
+                        exclude=d.exclude)
+    val = build_val_loader(cfg, val_src, device=dev, dtype=dtype, shard_id=dist.rank,
+                           num_shards=dist.world_size)
     return train, val
+
+
+_CONFIG_EXCLUDE = object()     # build_val_loader's default: the config's data.exclude
+
+
+def build_val_loader(cfg: TrainConfig, source: Any, *, device: str, dtype: str,
+                     shard_id: int = 0, num_shards: int = 1, batch_size: int | None = None,
+                     num_threads: int | None = None, exclude: Any = _CONFIG_EXCLUDE):
+    """The validation loader of a run of `cfg` (the one builder: training and
+    `python -m train.evaluate` use it): cfg's data options and `data.exclude`, the run's image
+    `dtype` (train: `image_dtype(run.amp, device)`). batch_size / num_threads default to
+    data.val_batch_size (else 2 x data.batch_size) / data.num_threads; exclude: default
+    data.exclude; a list, a file or None for other data."""
+    from pipelines.loader import ValLoader
+    d = cfg.data
+    return ValLoader(source, batch_size=batch_size or d.val_batch_size or 2 * d.batch_size,
+                     options=d.data_options(), device=device, shard_id=shard_id,
+                     num_shards=num_shards, num_threads=num_threads or d.num_threads,
+                     dtype=dtype, exclude=d.exclude if exclude is _CONFIG_EXCLUDE else exclude)
 
 
 def _check_classes(source: Any, num_classes: int) -> None:
