@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_count import CountOps
 
 from mixpro_dali import (MODES, MixConfig, apply_mix, area_lambda, mix_samples, sample_mix,
                          stage_params)
@@ -318,19 +318,6 @@ def test_uint8_mixup_chunks_on_cpu_equal_one_chunk(monkeypatch):
     assert torch.equal(whole, reference_mix(x, p, patch_size=8, layout="HWC"))
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the non-view aten ops dispatched inside the block (views alias, launch nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("layout,dtype", [("CHW", torch.float16), ("CHW", torch.float32),
                                           ("HWC", torch.uint8)])
 @pytest.mark.parametrize("mode", ["maskmix", "cutmix", "mixup"])
@@ -343,7 +330,7 @@ def test_apply_mix_op_count_does_not_grow_with_batch(layout, dtype, mode):
         x = torch.zeros(shape, dtype=dtype)
         p = sample_mix(cfg, b, 1)
         out = torch.empty_like(x)
-        with _CountOps() as mode_ops:
+        with CountOps() as mode_ops:
             apply_mix(x, p, patch_size=8, layout=layout, out=out)
         counts[b] = mode_ops.ops
     assert counts[16] == counts[64] and 0 < len(counts[16]) <= 8, counts

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixpro_dali import MODES, MixConfig, apply_mix, mix, sample_mix
 from mixpro_dali.operator import batch_view
 from pipelines.compat import shutdown_pipeline
 from devices import DALI_DEVICES
+from op_count import CountOps
 
 B = 8
 
@@ -144,17 +144,6 @@ def test_unmixed_batches_of_a_mixing_config_pass_through():
     assert modes == {MODES["none"], MODES["maskmix"]}
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", ["maskmix", "cutmix", "mixup"])
 @pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float16)])
 def test_operator_ops_per_batch_do_not_grow_with_batch_size(mode, layout, dtype):
@@ -169,7 +158,7 @@ def test_operator_ops_per_batch_do_not_grow_with_batch_size(mode, layout, dtype)
 
         def counted(method):
             def f(self, *args):
-                with _CountOps() as c:
+                with CountOps() as c:
                     r = method(self, *args)
                 calls.append((method.__name__, c.ops))
                 return r
