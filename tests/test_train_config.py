@@ -97,6 +97,17 @@ def test_parse_overrides_values():
         "a.b": 1, "c.d": "x y", "e.f": None}
 
 
+def test_yaml_1_1_bool_words_stay_strings(tmp_path):
+    """`--run.progress off` is the documented choice 'off', not YAML 1.1's False."""
+    cfg, _, _ = resolve(["--run.progress", "off", "--run.tensorboard", "false"])
+    assert cfg.run.progress == "off" and cfg.run.tensorboard is False
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  progress: off\n")
+    assert load_yaml(f) == {"run": {"progress": "off"}}
+    with pytest.raises(TypeError, match="run.tensorboard must be true or false, got 'yes'"):
+        resolve(["--run.tensorboard", "yes"])
+
+
 def test_resume_takes_the_checkpoint_config_and_folder(tmp_path):
     import torch
     from train.checkpoint import FORMAT_VERSION, seal

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -301,7 +302,16 @@ def _coerce(v: Any, tp: Any, name: str) -> Any:
 
 # --- YAML with duplicate-key detection ---------------------------------------------------------
 class _StrictLoader(yaml.SafeLoader):
-    pass
+    """SafeLoader with YAML 1.2 booleans: only true/false are bools, so `--run.progress off`
+    or `progress: off` stays the string 'off' (YAML 1.1 reads on/off/yes/no as bools, and a
+    str field then refused a valid choice); a bool field given 'yes' is refused by name."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
