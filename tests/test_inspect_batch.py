@@ -125,3 +125,12 @@ def test_errors_name_the_option(tree, tmp_path, extra, message, capsys):
     import re
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_mode_names_follow_the_live_mode_table(monkeypatch):
+    from mixpro_dali import MODES
+    assert [ib.mode_name(MODES[m]) for m in ("none", "mixup", "cutmix", "maskmix")] == [
+        "none", "mixup", "cutmix", "maskmix"]
+    assert ib.mode_name(98) == "?"
+    monkeypatch.setitem(MODES, "toy", 98)          # a mode registered after the import
+    assert ib.mode_name(98) == "toy"

@@ -30,8 +30,12 @@ __all__ = ["Layout", "denormalize", "render_grid", "captions_for", "load_batch",
 
 GRID_RGB = (150, 150, 150)
 REGION_RGB = (255, 0, 0)
-MODE_NAMES = {code: name for name, code in MODES.items()}
 MIN_TILE = 128          # tiles are upscaled (nearest) to at least this many pixels wide
+
+
+def mode_name(code: int) -> str:
+    """A mode code's name, read from the live mode table (modes registered later included)."""
+    return next((name for name, c in MODES.items() if c == code), "?")
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ def captions_for(batch: dict[str, torch.Tensor], classes: Sequence[str] = ()) ->
         return f"{i} {short}" if short and short != str(i) else str(i)
     out = []
     for k in range(len(batch["lam"])):
-        mode = MODE_NAMES.get(int(batch["mode"][k]), "?")
+        mode = mode_name(int(batch["mode"][k]))
         out.append(f"{mode} lam {float(batch['lam'][k]):.3f}\n"
                    f"a {name(int(batch['label_a'][k]))}  b {name(int(batch['label_b'][k]))}")
     return out
@@ -207,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out, optimize=True)
-    modes = sorted({MODE_NAMES[int(m)] for m in part["mode"].reshape(-1)})
+    modes = sorted({mode_name(int(m)) for m in part["mode"].reshape(-1)})
     print(f"{out}: batch {args.batch}, {n} images ({picture.width}x{picture.height} px), mode "
           f"{'/'.join(modes)}, lam mean {float(part['lam'].mean()):.3f}")
     return 0
