@@ -30,9 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compat import shutdown_pipeline
-
 HERE = Path(__file__).resolve().parent
+
+if __package__:
+    from .compat import shutdown_pipeline
+else:   # a worker runs this file as a script inside the tree it measures, which may predate
+    import importlib.util  # compat.py: load this benchmark's own copy (stdlib-only imports)
+
+    _spec = importlib.util.spec_from_file_location("_bench_compat", HERE / "compat.py")
+    _compat = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_compat)
+    shutdown_pipeline = _compat.shutdown_pipeline
 MODES = ("maskmix", "cutmix", "mixup", "unmixed", "never")
 SMALL = dict(image_size=8, patch_size=4, mask_patch=4)
 

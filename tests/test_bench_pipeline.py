@@ -81,3 +81,20 @@ def test_pipeline_bench_end_to_end(tmp_path, capsys):
     with Image.open(tmp_path / "out" / "pipeline-cpu.png") as im:
         assert im.format == "PNG"
     assert "x torchvision+timm" in capsys.readouterr().out
+
+
+def test_operator_bench_worker_runs_as_a_script_outside_the_package(tmp_path):
+    """bench_operator's workers run its file as a script inside the tree they measure (which may
+    predate pipelines/compat.py); one small timing worker must run that way and report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = json.dumps({"kind": "small", "batches": 1})
+    out = subprocess.run([sys.executable, str(root / "pipelines" / "bench_operator.py"),
+                          "--worker", spec], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["small/maskmix"]["16"]["ops"] == res["small/maskmix"]["64"]["ops"] > 0, res
