@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mixpro_dali.attention import ClsAttention, cls_attention_row
+from hook_checks import assert_hook_transparent
 
 SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
 # name -> (timm model, kwargs, number of prefix tokens); all 4x4 = 16 patch tokens
@@ -88,19 +89,7 @@ def test_qk_norm_is_applied():
 def test_outputs_and_gradients_unchanged(family):
     model = make(family).train()
     x = torch.randn(4, 3, 32, 32)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        out.square().sum().backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    out0, grads0 = step()
-    with ClsAttention(model) as cls_attn:
-        out1, grads1 = step()
-        assert not cls_attn.maps.requires_grad and cls_attn.maps.grad_fn is None
-    assert torch.equal(out0, out1)
-    assert len(grads0) == len(grads1) and all(map(torch.equal, grads0, grads1))
+    assert_hook_transparent(model, x)
 
 
 def test_float32_under_autocast():
