@@ -15,8 +15,8 @@ Commands (ARGS after -- go to the program unchanged):
   train           torchrun -m train [--config C] [--data.train /data/TRAIN --data.val /data/VAL]
                   --output /output ARGS   (needs --output; without --data and --config: the
                   Fashion-MNIST demo; any of these options given in ARGS replaces the launcher's)
-  bench-pipeline  python -m pipelines.bench ARGS
-  bench-train     torchrun -m train.bench ARGS   (--nproc-per-node defaults to 1)
+  bench-pipeline  python -m tools.bench_pipeline ARGS
+  bench-train     torchrun -m tools.bench_train ARGS   (--nproc-per-node defaults to 1)
   scan            python -m pipelines.scan /data ARGS   (needs --data)
   smoke           python -m mixpro_dali.smoke ARGS   (adds --require-gpu unless --gpus none)
   shell           an interactive bash in the container
@@ -267,8 +267,8 @@ case $command in
             [[ -n $output ]] || die "train needs --output DIR for checkpoints and logs"
             program+=(--output /output)
         fi ;;
-    bench-pipeline) program=(python -m pipelines.bench) ;;
-    bench-train) program=("${torchrun[@]}" -m train.bench) ;;
+    bench-pipeline) program=(python -m tools.bench_pipeline) ;;
+    bench-train) program=("${torchrun[@]}" -m tools.bench_train) ;;
     scan)
         [[ -n $data ]] || die "scan needs --data DIR (the folder to scan)"
         program=(python -m pipelines.scan /data) ;;

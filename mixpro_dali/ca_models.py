@@ -52,7 +52,7 @@ PARAMS = {  # name: (parameters of the CA model, of its timm backbone), 1000 cla
     "ca_pvt_v2_b5": (81_936_040, 81_956_008),
 }
 """Swin: minus the relative-position table (169 x heads), plus the class token (C); PVT v2: minus
-the depthwise conv (10 x hidden), plus the class token. Checked by tests/test_ca_models.py."""
+the depthwise conv (10 x hidden), plus the class token. Checked by tests/mixpro_dali/test_ca_models.py."""
 
 
 class ClassAttnBlock(nn.Module):

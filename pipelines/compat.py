@@ -4,7 +4,7 @@ Each shim below checks the installed version against the versions it was verifie
 (``VERIFIED``), uses the private API where it exists, and otherwise falls back to public
 behaviour (slower, or a less precise error, never a different result). On a version that is
 not in ``VERIFIED`` the private API is still used when present, with one ``PrivateAPIWarning``;
-``tests/test_compat.py`` fails on such a version, so a pin change is noticed before a release.
+``tests/pipelines/test_compat.py`` fails on such a version, so a pin change is noticed before a release.
 A new pin: run that test, read the private code it names, add the version here.
 
 Private APIs in use (verified on torch 2.14.1, DALI 2.4.0; timm needs none):
@@ -33,7 +33,7 @@ Private APIs in use (verified on torch 2.14.1, DALI 2.4.0; timm needs none):
 DALI graph internals (``ops._OperatorInstance._generate_outputs``, ``ops._process_inputs``,
 ``ops._process_argument_inputs``, ``Pipeline._build_graph``, ``Pipeline._ops``) ->
 ``require_dali_graph_internals``
-    ``pipelines.gpu_kernels.trace_gpu_graph`` infers the dtype fed to every GPU operator
+    ``tools.gpu_kernels.trace_gpu_graph`` infers the dtype fed to every GPU operator
     without building the pipeline (no GPU needed). DALI infers dtypes only inside these
     methods. Fallback: none (the trace is a development check; it raises, naming what is
     missing).

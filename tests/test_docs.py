@@ -170,7 +170,7 @@ def test_the_path_pattern():
 def test_slug_and_links_follow_github():
     assert slug("10. Where we differ from the reference code") == \
         "10-where-we-differ-from-the-reference-code"
-    assert slug("GPU check (`pipelines/gpu_check.sh` -> x)") == "gpu-check-pipelinesgpu_checksh---x"
+    assert slug("GPU check (`tools/gpu_check.sh` -> x)") == "gpu-check-toolsgpu_checksh---x"
     md = "# A b\n## A b\n[x](y.md#a-b) ![p](img.png) `[no](code.md)`\n```\n[no](fence.md)\n```\n"
     assert anchors(md) == {"a-b", "a-b-1"}
     assert links(md) == ["y.md#a-b", "img.png"]

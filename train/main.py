@@ -24,7 +24,7 @@ from .dist import DistInfo, agree, all_gather_object, barrier, broadcast_object,
     init_distributed
 from .engine import Engine, PalMonitor, TrainState
 from .losses import MixLoss, mix_config_for
-from .pal_plot import PAL_FILE
+from .summary import PAL_FILE
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .summary import Progress, Reporter, fmt_time, format_table, write_summary
 
@@ -480,7 +480,7 @@ def _pal_history(train_m: dict[str, Any], monitor: PalMonitor | None) -> dict[st
 
 def write_pal_history(path: Path, history: list[dict[str, Any]], bins: int) -> None:
     """pal_alpha.json: per epoch alpha mean/std and the per-sample alpha histogram (counts of
-    `bins` equal bins over [0, 1]); `python -m train.pal_plot RUN_DIR` draws it."""
+    `bins` equal bins over [0, 1]); `python -m tools.pal_plot RUN_DIR` draws it."""
     rows = [{"epoch": h["epoch"], "alpha_mean": h.get("pal_alpha_mean"),
              "alpha_std": h.get("pal_alpha_std"),
              "counts": [int(c) for c in h["pal_alpha_hist"]]}

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Progress", "Reporter", "format_table", "fmt_time", "write_summary"]
+__all__ = ["Progress", "Reporter", "format_table", "fmt_time", "write_summary", "PAL_FILE"]
+
+PAL_FILE = "pal_alpha.json"     # PAL's alpha per epoch, rewritten at each epoch end (method mixpro)
 
 
 def write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
