@@ -22,12 +22,15 @@ the training subset; command-line options override them. Each stage skips what i
      arm against the others (Holm), per-epoch curves -> <out>/summary.json, summary.md, plots.
 
 Checkpoints live in <work> (git-ignored); what is worth keeping (eval JSON, per-epoch
-summary.csv, resolved config.yaml, the exact command, plots) lands in <out>.
+summary.csv, resolved config.yaml, the exact command, plots) lands in <out>. The runner reads
+progress and metrics from the runs' files (summary.csv, the evaluate JSON), never from the
+commands' output: train.log and eval.log are kept for the user only.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import fcntl
 import json
 import os
@@ -43,7 +46,7 @@ from train.config import CONFIG_DIR, METHODS
 from .study_report import aggregate, summary_table
 
 __all__ = ["STUDY_RECIPE", "Study", "STUDIES", "write_recipe", "ID_CLASSES", "prepare_study_data",
-           "train_command", "train_run", "evaluate_run", "run_lock", "aggregate",
+           "train_command", "epoch_lines", "train_run", "evaluate_run", "run_lock", "aggregate",
            "summary_table", "main"]
 
 ID_CLASSES = 8  # classes 0..7 in distribution; 8 (bag) and 9 (ankle boot) held out as OOD
@@ -236,6 +239,24 @@ def run_lock(work: Path, name: str) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_EPOCH_COLUMNS = (("train_loss", "train loss", ".4f"), ("eval_loss", "val loss", ".4f"),
+                  ("eval_top1", "top-1", ".2f"))
+
+
+def epoch_lines(run_dir: Path, epochs: int) -> list[str]:
+    """One progress line per finished epoch of the run, read from its summary.csv (columns of
+    train/summary.py: epoch from 0, train_loss, eval_loss, eval_top1 in %, ...); [] before the
+    first epoch has ended. E.g. "epoch 1/5: train loss 1.9190 val loss 1.7940 top-1 28.40"."""
+    path = run_dir / "summary.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [f"epoch {int(r['epoch']) + 1}/{epochs}: " + " ".join(
+        f"{label} {float(r[k]):{spec}}" for k, label, spec in _EPOCH_COLUMNS if r.get(k))
+        for r in rows]
+
+
 def train_run(method: str, seed: int, work: Path, out: Path, data: dict[str, Path],
               epochs: int, threads: int | None, recipe: Path, *, arm: str | None = None,
               extra: Mapping[str, Any] | None = None) -> bool:
@@ -256,9 +277,8 @@ def train_run(method: str, seed: int, work: Path, out: Path, data: dict[str, Pat
         run_cmd = cmd
     t0 = time.time()
     rc = _run_logged(run_cmd, run_dir / "train.log", threads)
-    for line in (run_dir / "train.log").read_text().splitlines():
-        if line.startswith("epoch ") and ": train loss" in line:
-            _log(f"  {name} {line}")
+    for line in epoch_lines(run_dir, int((extra or {}).get("run.epochs", epochs))):
+        _log(f"  {name} {line}")
     if rc != 0:
         _log(f"{name}: python -m train exited with {rc}; see {run_dir / 'train.log'}")
         return False
@@ -296,6 +316,12 @@ def evaluate_run(name: str, work: Path, out: Path, data: dict[str, Path],
         if rc != 0:
             _log(f"{name}: python -m train.evaluate exited with {rc}; see {run_dir / 'eval.log'}")
             return False
+        if not target.is_file():
+            _log(f"{name}: python -m train.evaluate wrote no {target}; see {run_dir / 'eval.log'}")
+            return False
+        res = json.loads(target.read_text())
+        if "top1" in res:
+            _log(f"  {name} {target.name}: top-1 {100 * res['top1']:.2f}")
     return True
 
 

@@ -71,22 +71,32 @@ def test_train_command_is_a_valid_train_cli_call(tmp_path):
     assert a == b
 
 
-class FakeRunner:
-    """Stands in for the subprocesses: records commands, writes what the real ones write."""
+# what train/summary.py writes (CRLF, epoch from 0, top-1 in %)
+SUMMARY_CSV = ("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\r\n"
+               "0,1.9189914,1.7940460,28.4,86.7,0.0018\r\n1,1.7368870,1.4140495,49.0,93.0,0.0013\r\n")
 
-    def __init__(self, rc: int = 0):
-        self.rc, self.calls = rc, []
+
+class FakeRunner:
+    """Stands in for the subprocesses: records commands, writes what the real ones write. The
+    logs get lines that look like metrics but are not the run's: the runner must not read them."""
+
+    def __init__(self, rc: int = 0, eval_json: bool = True):
+        self.rc, self.calls, self.eval_json = rc, [], eval_json
 
     def __call__(self, cmd, log_file, threads):
         self.calls.append(cmd)
         log_file = Path(log_file)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
         if "train.evaluate" in cmd:
-            target = Path(cmd[cmd.index("--json") + 1])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("{}")
+            log_file.write_text("| top-1 | 99.99 |\n")
+            if self.eval_json:
+                target = Path(cmd[cmd.index("--json") + 1])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(json.dumps({"top1": 0.8125, "top5": 1.0}))
         else:
-            log_file.write_text("epoch 1/1: train loss 1.0 val loss 1.0 top-1 50.00\n")
-            for f in ("summary.csv", "config.yaml", "last.pth"):
+            log_file.write_text("epoch 1/1: train loss 9.0 val loss 9.0 top-1 99.99\n")
+            (log_file.parent / "summary.csv").write_text(SUMMARY_CSV, newline="")
+            for f in ("config.yaml", "last.pth"):
                 (log_file.parent / f).write_text(f)
         return self.rc
 
@@ -97,7 +107,7 @@ def dirs(tmp_path):
     return tmp_path / "work", tmp_path / "out", data
 
 
-def test_runner_trains_then_skips(monkeypatch, dirs):
+def test_runner_trains_then_skips(monkeypatch, dirs, capsys):
     work, out, data = dirs
     fake = FakeRunner()
     monkeypatch.setattr(study, "_run_logged", fake)
@@ -105,7 +115,12 @@ def test_runner_trains_then_skips(monkeypatch, dirs):
     assert fake.calls[0] == study.train_command("mixpro", 0, work / "runs" / "mixpro-s0", data,
                                                 5, work / "r.yaml")
     kept = out / "runs" / "mixpro-s0"
-    assert (kept / "summary.csv").read_text() == "summary.csv"
+    assert (kept / "summary.csv").read_bytes() == SUMMARY_CSV.encode()
+    # progress comes from summary.csv, one line per finished epoch; train.log is not read
+    said = capsys.readouterr().out
+    assert "mixpro-s0 epoch 1/5: train loss 1.9190 val loss 1.7940 top-1 28.40" in said
+    assert "mixpro-s0 epoch 2/5: train loss 1.7369 val loss 1.4140 top-1 49.00" in said
+    assert "99.99" not in said and "train loss 9.0" not in said
     assert (kept / "command.txt").read_text().startswith("-m train --config ")
     assert json.loads((work / "runs" / "mixpro-s0" / "done.json").read_text())["command"] \
         == fake.calls[0]
@@ -116,8 +131,27 @@ def test_runner_trains_then_skips(monkeypatch, dirs):
     assert ev_cmd[1:4] == ["-m", "train.evaluate", str(work / "runs" / "mixpro-s0" / "last.pth")]
     assert ev_cmd[ev_cmd.index("--occlusion-samples") + 1] == "400"
     assert ev_cmd[ev_cmd.index("--ood") + 1] == str(data["ood"])
+    said = capsys.readouterr().out
+    assert "mixpro-s0 eval.json: top-1 81.25" in said and "99.99" not in said  # from the JSON
     assert study.evaluate_run("mixpro-s0", work, out, data, 400, 1)
     assert len(fake.calls) == 2  # evaluated: skipped
+
+
+def test_epoch_lines_read_summary_csv(tmp_path):
+    assert study.epoch_lines(tmp_path, 5) == []  # before the first epoch's end
+    (tmp_path / "summary.csv").write_text(SUMMARY_CSV, newline="")
+    assert study.epoch_lines(tmp_path, 2) == [
+        "epoch 1/2: train loss 1.9190 val loss 1.7940 top-1 28.40",
+        "epoch 2/2: train loss 1.7369 val loss 1.4140 top-1 49.00"]
+    (tmp_path / "summary.csv").write_text("epoch,train_loss,lr\n0,2.5,0.1\n")  # no validation
+    assert study.epoch_lines(tmp_path, 1) == ["epoch 1/1: train loss 2.5000"]
+
+
+def test_evaluate_run_fails_without_its_json(monkeypatch, dirs, capsys):
+    work, out, data = dirs
+    monkeypatch.setattr(study, "_run_logged", FakeRunner(eval_json=False))
+    assert not study.evaluate_run("none-s0", work, out, data, 400, 1)
+    assert "python -m train.evaluate wrote no " in capsys.readouterr().out
 
 
 def test_runner_resumes_a_killed_run_and_reports_failures(monkeypatch, dirs):
@@ -239,7 +273,7 @@ def test_study_definition_errors():
         study.main(["--study", "overfit_cells", "--arms", "mixpro", "--stages", "aggregate"])
 
 
-def test_train_run_with_an_arm_name_and_extra_overrides(monkeypatch, dirs):
+def test_train_run_with_an_arm_name_and_extra_overrides(monkeypatch, dirs, capsys):
     work, out, data = dirs
     fake = FakeRunner()
     monkeypatch.setattr(study, "_run_logged", fake)
@@ -249,6 +283,7 @@ def test_train_run_with_an_arm_name_and_extra_overrides(monkeypatch, dirs):
     assert cmd[cmd.index("--output") + 1] == str(work / "runs" / "maskmix-c14-s2")
     assert cmd[cmd.index("--mix.mask_patch") + 1] == "14"
     assert cmd.count("--run.epochs") == 1 and cmd[cmd.index("--run.epochs") + 1] == "7"
+    assert "maskmix-c14-s2 epoch 2/7: train loss" in capsys.readouterr().out  # the arm's budget
     assert (out / "runs" / "maskmix-c14-s2" / "command.txt").is_file()
 
 
