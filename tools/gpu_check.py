@@ -43,7 +43,8 @@ STEPS = {
     "augment": (60, 20), "loader": (60, 20), "loader_sync": (90, 30), "pipeline_full": (60, 30),
     "pipeline_plain": (45, 25), "train_bench": (120, 45), "checkpoint": (60, 25),
 }
-SELFTEST = {"selftest_hang": (5, 1)}          # for the tests: a step that never ends
+SELFTEST = {"selftest_hang": (5, 1), "selftest_fail": (30, 1)}   # for the tests: a step that
+                                              # never ends, one that fails after printing
 RESERVE = 5                                   # seconds kept for the summary
 
 
@@ -92,15 +93,20 @@ def _pytest_cuda(a) -> dict[str, Any]:
 
 
 def _bench(a, cmd: list[str], stem: str) -> dict[str, Any]:
-    """Run a benchmark CLI into --work; its results table goes into the step's JSON."""
+    """Run a benchmark CLI into --work; its results table (the --out JSON <stem>.json) goes into
+    the step's JSON. Its output is not read: it goes to this step's log (into gpu_check.log),
+    whose tail the driver keeps in the step's result when the step failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     p = subprocess.run([sys.executable, "-m", *cmd, "--out", str(a.work), "--time-limit",
-                        str(int(a.step_timeout * 0.6))],
-                       capture_output=True, text=True, timeout=max(10, a.step_timeout - 5))
-    out: dict[str, Any] = {"ok": p.returncode == 0, "rc": p.returncode,
-                           "stdout_tail": p.stdout[-2000:], "stderr_tail": p.stderr[-2000:]}
+                        str(int(a.step_timeout * 0.6))], timeout=max(10, a.step_timeout - 5))
+    out: dict[str, Any] = {"ok": p.returncode == 0, "rc": p.returncode}
     table = a.work / f"{stem}.json"
     if table.exists():
         out["results"] = json.loads(table.read_text()).get("results")
+    else:
+        out["error"] = (f"python -m {cmd[0]} (exit status {p.returncode}) wrote no {table}; "
+                        "its output is in gpu_check.log")
     return out
 
 
@@ -141,6 +147,7 @@ def run_step(name: str, a: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": lambda: st.check_checkpoint(a.device, a.data, s["size"], s["batch"], a.work,
                                                   **light),
         "selftest_hang": lambda: time.sleep(3600) or {"ok": True},
+        "selftest_fail": lambda: print("selftest_fail: why it failed") or {"ok": False},
     }
     try:
         return steps[name]()
@@ -204,6 +211,8 @@ def _spawn(name: str, a: argparse.Namespace, timeout: float) -> dict[str, Any]:
                "seconds": round(time.monotonic() - t0, 1),
                "log_tail": log.read_text(errors="replace")[-4000:]}
         _write(out_json, res)
+    if not res.get("ok") and "log_tail" not in res:     # failed: its output's tail, for the reader
+        res["log_tail"] = log.read_text(errors="replace")[-4000:]
     with open(a.out / "gpu_check.log", "a") as f:
         f.write(f"===== {name} (rc {rc}, {time.monotonic() - t0:.1f} s)\n")
         f.write(log.read_text(errors="replace")[-20000:] + "\n")

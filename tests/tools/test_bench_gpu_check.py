@@ -76,13 +76,16 @@ def test_augment_check_catches_a_wrong_per_channel_fill(monkeypatch):
 def test_a_hanging_step_is_cut_off_with_a_stack_dump_and_the_rest_still_runs(tmp_path):
     out = tmp_path / "out"
     rc = gpu_check.main(["--device", "cpu", "--quick", "--out", str(out), "--only",
-                         "selftest_hang,versions", "--data", str(tmp_path), "--work",
-                         str(tmp_path / "work")])
+                         "selftest_hang,versions,selftest_fail", "--data", str(tmp_path),
+                         "--work", str(tmp_path / "work")])
     report = json.loads((out / "gpu_check.json").read_text())
     hang = report["steps"]["selftest_hang"]
     assert rc == 1 and not report["ok"] and hang["timeout"] and not hang["ok"]
     assert "Thread" in hang["log_tail"] and "run_step" in hang["log_tail"]   # faulthandler
     assert report["steps"]["versions"]["ok"] and report["steps"]["versions"]["torch"]
+    assert "log_tail" not in report["steps"]["versions"]      # the tail only for a failure
+    fail = report["steps"]["selftest_fail"]                   # failed, with its JSON written
+    assert fail["ok"] is False and "selftest_fail: why it failed" in fail["log_tail"]
     log = (out / "gpu_check.log").read_text()
     assert "===== selftest_hang" in log and "===== versions" in log
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log"]
@@ -101,6 +104,31 @@ def test_steps_that_no_longer_fit_are_skipped_and_recorded(tmp_path):
     assert "out of time" in report["steps"]["operator"]["skipped"]
     with pytest.raises(SystemExit, match="unknown step"):
         gpu_check.main(["--device", "cpu", "--out", str(out), "--only", "nope"])
+
+
+BENCH = """import argparse, json, sys
+from pathlib import Path
+p = argparse.ArgumentParser(); p.add_argument("--out"); p.add_argument("--time-limit")
+p.add_argument("--rc", type=int, default=0); a = p.parse_args()
+print('{"results": "from stdout"}'); print("stderr noise", file=sys.stderr)
+if a.rc == 0:
+    (Path(a.out) / "fake.json").write_text(json.dumps({"results": [{"img_s": 123.0}]}))
+sys.exit(a.rc)
+"""
+
+
+def test_bench_results_come_from_the_out_json_not_from_stdout(tmp_path, monkeypatch, capfd):
+    (tmp_path / "fake_bench_cli.py").write_text(BENCH)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    a = gpu_check.parse_args(["--work", str(tmp_path)])
+    a.work, a.step_timeout = tmp_path, 60
+    res = gpu_check._bench(a, ["fake_bench_cli"], "fake")
+    assert res == {"ok": True, "rc": 0, "results": [{"img_s": 123.0}]}
+    assert '"from stdout"' in capfd.readouterr().out      # its output passes through, unread
+    (tmp_path / "fake.json").unlink()
+    res = gpu_check._bench(a, ["fake_bench_cli", "--rc", "3"], "fake")
+    assert res["ok"] is False and res["rc"] == 3 and "results" not in res
+    assert res["error"].startswith("python -m fake_bench_cli (exit status 3) wrote no ")
 
 
 @pytest.mark.slow
