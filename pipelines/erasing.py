@@ -23,9 +23,9 @@ from nvidia.dali.data_node import DataNode
 
 from .compat import conditionals_enabled
 
-__all__ = ["random_erasing", "MODES", "KERNELS", "PixelEraser"]
+__all__ = ["random_erasing", "ERASE_MODES", "ERASE_BACKENDS", "PixelEraser"]
 
-MODES = ("pixel", "rand", "const")
+ERASE_MODES = ("pixel", "rand", "const")
 _ATTEMPTS = 10
 
 
@@ -35,7 +35,7 @@ def _validate(prob, mode, min_area, max_area, min_aspect, max_aspect, count, lay
             raise ValueError(message)
 
     check(0.0 <= prob <= 1.0, f"prob must be in [0, 1], got {prob}")
-    check(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
+    check(mode in ERASE_MODES, f"mode must be one of {ERASE_MODES}, got {mode!r}")
     check(0.0 < min_area <= max_area <= 1.0,
           f"need 0 < min_area <= max_area <= 1, got min_area={min_area}, max_area={max_area}")
     check(min_aspect > 0 and max_aspect >= min_aspect,
@@ -51,7 +51,7 @@ def _seeds(seed, count):
     return iter(int(s) & 0x7FFFFFFF for s in np.random.SeedSequence(seed).generate_state(count))
 
 
-def sample_box(height, width, num_boxes, *, min_area, max_area, log_aspect, seeds):
+def sample_erase_boxes(height, width, num_boxes, *, min_area, max_area, log_aspect, seeds):
     """One box per sample, timm's 10-attempt loop: (top, left, h, w) int32, found bool."""
     area = fn.random.uniform(range=[min_area, max_area], shape=[_ATTEMPTS], seed=next(seeds))
     aspect = dmath.exp(fn.random.uniform(range=list(log_aspect), shape=[_ATTEMPTS],
@@ -129,7 +129,7 @@ class PixelEraser:
         return out
 
 
-KERNELS = ("auto", "torch", "dali")
+ERASE_BACKENDS = ("auto", "torch", "dali")
 
 
 def random_erasing(images: DataNode, *, prob: float = 0.25, mode: str = "pixel",
@@ -148,8 +148,8 @@ def random_erasing(images: DataNode, *, prob: float = 0.25, mode: str = "pixel",
     """
     max_aspect = 1.0 / min_aspect if max_aspect is None and min_aspect > 0 else max_aspect
     _validate(prob, mode, min_area, max_area, min_aspect, max_aspect, count, layout)
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels not in ERASE_BACKENDS:
+        raise ValueError(f"kernels must be one of {ERASE_BACKENDS}, got {kernels!r}")
     if not isinstance(images, DataNode):
         raise TypeError(f"images must be a DALI DataNode (inside @pipeline_def), got {type(images)}")
     if conditionals_enabled() is False:
@@ -170,8 +170,9 @@ def random_erasing(images: DataNode, *, prob: float = 0.25, mode: str = "pixel",
     if use_torch and images.device != "cpu":
         raise ValueError("kernels='torch' runs on cpu images only; use 'auto' or 'dali' for gpu")
     for slot in range(count):
-        top, left, h, w, found = sample_box(height, width, num_boxes, min_area=min_area,
-                                            max_area=max_area, log_aspect=log_aspect, seeds=seeds)
+        top, left, h, w, found = sample_erase_boxes(
+            height, width, num_boxes, min_area=min_area, max_area=max_area,
+            log_aspect=log_aspect, seeds=seeds)
         if use_torch:  # no conditional: one python operator that skips the unselected samples
             flag = fn.cast(erase & found & (num_boxes > slot), dtype=types.INT32)
             noise_seed = fn.random.uniform(range=[0, 2 ** 31 - 1], dtype=types.INT32,

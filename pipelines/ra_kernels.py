@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-__all__ = ["KERNELS", "RandAugmentLayer", "equalize", "TorchEqualize"]
+__all__ = ["RA_PILLOW_KERNELS", "RandAugmentLayer", "equalize", "TorchEqualize"]
 
 _BILINEAR = Image.Resampling.BILINEAR
 
@@ -67,7 +67,7 @@ def _translate(axis):
 
 
 # timm op name -> kernel(image, arg | None, fill) -> image
-KERNELS: dict[str, Callable] = {
+RA_PILLOW_KERNELS: dict[str, Callable] = {
     "AutoContrast": lambda image, _a, _f: ImageOps.autocontrast(image),
     "Equalize": lambda image, _a, _f: ImageOps.equalize(image),
     "Invert": lambda image, _a, _f: ImageOps.invert(image),
@@ -104,7 +104,7 @@ class RandAugmentLayer:
 
     def __init__(self, names: Sequence[str], level_to_arg: Sequence[Callable | None], math,
                  fill: tuple[int, ...], pool=None) -> None:
-        unknown = [n for n in names if n not in KERNELS]
+        unknown = [n for n in names if n not in RA_PILLOW_KERNELS]
         if unknown:
             raise ValueError(f"no Pillow kernel for RandAugment op(s) {unknown}")
         if fill is None or len(fill) not in (1, 3):
@@ -112,7 +112,7 @@ class RandAugmentLayer:
                              "(fill=None, repeat the border, needs kernels='dali')")
         if len(level_to_arg) != len(names):
             raise ValueError(f"{len(level_to_arg)} level maps for {len(names)} ops")
-        self.names, self.kernels = tuple(names), tuple(KERNELS[n] for n in names)
+        self.names, self.kernels = tuple(names), tuple(RA_PILLOW_KERNELS[n] for n in names)
         self.level_to_arg, self.math = tuple(level_to_arg), math
         self.fill = tuple(fill) * 3 if len(fill) == 1 else tuple(fill)  # PIL: an int is red only
         self.pool = pool

@@ -62,7 +62,7 @@ from .compat import conditionals_enabled
 from .options import DEFAULT_AUTO_AUGMENT
 
 __all__ = ["RandAugmentPolicy", "parse_policy", "rand_augment", "flip_rand_augment",
-           "TRANSFORM_SETS", "OP_NAMES"]
+           "TRANSFORM_SETS", "OP_NAMES", "RA_BACKENDS"]
 
 _LEVEL_DENOM = 10.0
 IMAGENET_FILL = (124, 116, 104)  # round(255 * IMAGENET_DEFAULT_MEAN), timm create_transform's img_mean
@@ -433,7 +433,7 @@ def _check_input(images, fill):
         raise ValueError(f"fill must be None, an int or 3 ints in [0, 255], got {fill}")
 
 
-KERNELS = ("auto", "pillow", "dali")
+RA_BACKENDS = ("auto", "pillow", "dali")
 
 
 def rand_augment(images: DataNode, policy: str | RandAugmentPolicy = DEFAULT_AUTO_AUGMENT, *,
@@ -478,8 +478,8 @@ def flip_rand_augment(images: DataNode, mirror: DataNode | None,
 
 def _rand_augment(images, policy, mirror, *, fill, seed, kernels, threads):
     """(images, mirror_left); mirror None: no flip (mirror_left None)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels not in RA_BACKENDS:
+        raise ValueError(f"kernels must be one of {RA_BACKENDS}, got {kernels!r}")
     policy = parse_policy(policy) if isinstance(policy, str) else policy
     if not isinstance(policy, RandAugmentPolicy):
         raise TypeError(f"policy must be a str or RandAugmentPolicy, got {type(policy)}")

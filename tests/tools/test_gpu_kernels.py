@@ -8,7 +8,7 @@ import pytest
 from nvidia.dali import fn, pipeline_def, types
 
 from mixpro_dali import MixConfig
-from pipelines.erasing import MODES, random_erasing
+from pipelines.erasing import ERASE_MODES, random_erasing
 from tools.gpu_kernels import GPU_KERNELS, check_gpu_graph, render_table, trace_gpu_graph
 from pipelines.randaugment import OP_NAMES, RandAugmentPolicy, rand_augment
 from pipelines.readers import Source
@@ -71,7 +71,7 @@ def test_every_randaugment_op_on_gpu_images():
     assert {"GaussianBlur", "Saturation", "Brightness", "WarpAffine"} <= {op.schema for op in fed}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ERASE_MODES)
 @pytest.mark.parametrize("dtype", [types.FLOAT16, types.FLOAT])
 @pytest.mark.parametrize("layout", ["CHW", "HWC"])
 def test_erasing_on_gpu_images_of_each_dtype(mode, dtype, layout):
