@@ -6,6 +6,7 @@ Multi-GPU / multi-node: torchrun --nproc_per_node N -m train --config mixpro_dei
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from .config import (CONFIG_DIR, TrainConfig, apply_overrides, load_yaml, parse_
                      resolve_config_path)
 
 DEFAULT_CONFIG = "demo_fashion_mnist"
+
+logger = logging.getLogger(__spec__.name)  # 'train.__main__' also under python -m (__name__ '__main__')
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,14 +79,17 @@ def resolve(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Na
 
 
 def _error(msg: str) -> None:
-    """Under torchrun every rank fails the same way: only rank 0 prints."""
+    """Under torchrun every rank fails the same way: only rank 0 reports it."""
     from .dist import env_rank
     if env_rank() == 0:
-        print(msg, file=sys.stderr, flush=True)
+        logger.error(msg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .dist import env_rank
+    from .logs import setup_logging
     try:
+        setup_logging(env_rank())
         cfg, args, name = resolve(argv)
     except (ValueError, TypeError, FileNotFoundError) as e:
         _error(f"python -m train: error: {e}")

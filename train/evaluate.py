@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from .robustness import (DROP_KINDS, DROP_MODES, apply_pixel_drop, drop_count, d
 
 __all__ = ["load_model", "evaluate_model", "msp_scores", "ood_report", "occlusion_subset", "format_report",
            "plot_curves", "plot_reliability", "main", "DEFAULT_RATIOS"]
+
+logger = logging.getLogger(__spec__.name)  # 'train.evaluate' also under python -m
 
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0 .. 0.9
 
@@ -336,11 +339,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .dist import env_rank
+    from .logs import setup_logging
     args = _parser().parse_args(argv)
     try:
+        setup_logging(env_rank())
         res = run(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"python -m train.evaluate: error: {e}", file=sys.stderr)
+        logger.error("python -m train.evaluate: error: %s", e)
         return 2
     table = format_report(res)
     if not args.quiet:

@@ -9,10 +9,15 @@ Backbone weights in plain timm format (timm's key names, no wrapper prefixes, no
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from .checkpoint import export_backbone
+from .dist import env_rank
+from .logs import setup_logging
+
+logger = logging.getLogger(__spec__.name)  # 'train.export' also under python -m
 
 
 def main(argv=None) -> int:
@@ -26,11 +31,12 @@ def main(argv=None) -> int:
     if ck.is_dir():
         ck = ck / "best.pth" if (ck / "best.pth").is_file() else ck / "last.pth"
     try:
+        setup_logging(env_rank())
         out = export_backbone(ck, args.out, ema=args.ema, drop_head=args.drop_head)
     except (FileNotFoundError, ValueError) as e:
-        print(f"python -m train.export: error: {e}", file=sys.stderr)
+        logger.error("python -m train.export: error: %s", e)
         return 2
-    print(f"wrote {out}")
+    logger.info("wrote %s", out)
     return 0
 
 

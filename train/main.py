@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import logging
 import math
 import os
 import time
@@ -30,10 +31,7 @@ from .summary import Progress, Reporter, fmt_time, format_table, write_summary
 
 __all__ = ["run", "build_model", "resolve_data", "build_loaders", "build_val_loader"]
 
-
-def _say(dist: DistInfo, *msg: Any) -> None:
-    if dist.is_main:
-        print(*msg, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def build_model(cfg: TrainConfig) -> tuple[nn.Module, int]:
@@ -236,8 +234,8 @@ def recover(out: Path, resumed_from: Path | None, history: list[dict[str, Any]])
     epoch_files = {p.name.split(".pth.")[0] + ".pth" for p in out.glob("epoch_*.pth.*.tmp")}
     gone = ckpt_io.clean_temp_files(out, [*RUN_FILES, *sorted(epoch_files)])
     if gone:
-        print(f"removed {len(gone)} temp file(s) of an interrupted write: "
-              f"{', '.join(p.name for p in gone)}", flush=True)
+        logger.info("removed %s temp file(s) of an interrupted write: %s", len(gone),
+                    ", ".join(p.name for p in gone))
     pending = out / PENDING_BEST
     if pending.is_file():
         if resumed_from is None or not filecmp.cmp(pending, resumed_from, shallow=False):
@@ -299,8 +297,8 @@ def _apply_resume(ck: dict[str, Any], eng: Engine, train_loader, dist: DistInfo)
     if all(new.get(k) == old.get(k) for k in keys):
         eng.scheduler.load_state_dict(old)
     elif dist.is_main:
-        print(f"resume: the schedule changed (run.epochs / optim.* / batch size); continuing "
-              f"with the new one from step {ck['state']['step']}", flush=True)
+        logger.warning("resume: the schedule changed (run.epochs / optim.* / batch size); "
+                       "continuing with the new one from step %s", ck["state"]["step"])
     if eng.scaler.is_enabled() and ck.get("scaler"):
         eng.scaler.load_state_dict(ck["scaler"])
     if eng.ema is not None:
@@ -393,14 +391,13 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
         if eng.monitor is not None:
             eng.monitor.reset()
     n_params = sum(p.numel() for p in eng.model.parameters())
-    _say(dist, f"{cfg.model.name}: {n_params / 1e6:.2f}M params, {dist.world_size} x "
-               f"{dist.device.type}, global batch "
-               f"{cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps}, lr "
-               f"{_peak_lr(eng):.2e}, "
-               f"{n_batches} batches/epoch, mix {cfg.mix.method}/{cfg.mix.preset}, out {out}")
+    logger.info("%s: %.2fM params, %s x %s, global batch %s, lr %.2e, %s batches/epoch, "
+                "mix %s/%s, out %s", cfg.model.name, n_params / 1e6, dist.world_size,
+                dist.device.type, cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps,
+                _peak_lr(eng), n_batches, cfg.mix.method, cfg.mix.preset, out)
     if ck_path is not None:
-        _say(dist, f"resumed from {ck_path}: epoch {st.epoch + 1}, batch {st.batch}, "
-                   f"step {st.step}")
+        logger.info("resumed from %s: epoch %s, batch %s, step %s", ck_path, st.epoch + 1,
+                    st.batch, st.step)
     try:
         last, samples, train_s = _epochs(cfg, dist, eng, train_loader, val_loader, st, out)
     finally:
@@ -411,7 +408,7 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
               "output": str(out), "history": st.history}
     if dist.is_main and (out / "best.pth").is_file():
         ckpt_io.export_backbone(out / "best.pth", out / "best_timm.pth")
-        _say(dist, _final_table(cfg, result, out))
+        logger.info("%s", _final_table(cfg, result, out))
     barrier()
     return result
 
@@ -426,8 +423,11 @@ def _epochs(cfg: TrainConfig, dist: DistInfo, eng: Engine, train_loader, val_loa
     n_batches = len(train_loader)
     saver = _Saver(eng, train_loader, cfg, out, dist)
     reporter = Reporter(out if dist.is_main else None, tensorboard=cfg.run.tensorboard)
-    progress = Progress(cfg.run.progress, enabled=dist.is_main, epochs=cfg.run.epochs,
-                        n_batches=n_batches)
+    # other ranks: progress lines (never a bar), only when their INFO is shown (all_ranks)
+    mode = cfg.run.progress if dist.is_main or cfg.run.progress == "off" else "lines"
+    progress = Progress(mode,
+                        enabled=dist.is_main or logger.isEnabledFor(logging.INFO),
+                        epochs=cfg.run.epochs, n_batches=n_batches)
     last = _last_metrics(st.history[-1]) if st.history else {}  # a resume past the end
     samples, train_s = 0, 0.0
     try:
@@ -457,9 +457,9 @@ def _epochs(cfg: TrainConfig, dist: DistInfo, eng: Engine, train_loader, val_loa
                                **_pal_history(train_m, eng.monitor), "row": row})
             saver.epoch_end(st, is_best)  # commits the epoch: checkpoints, summary.csv
             reporter.epoch(epoch, train_m, evals, lr=eng.lr, seconds=sec, step=st.step)
-            _say(dist, f"epoch {epoch + 1}/{cfg.run.epochs}: train loss {train_m['loss']:.4f} "
-                       f"val loss {evals['loss']:.4f} top-1 {evals['top1']:.2f} top-5 "
-                       f"{evals['top5']:.2f} ({count} images) {fmt_time(sec)}")
+            logger.info("epoch %s/%s: train loss %.4f val loss %.4f top-1 %.2f top-5 %.2f "
+                        "(%s images) %s", epoch + 1, cfg.run.epochs, train_m["loss"],
+                        evals["loss"], evals["top1"], evals["top5"], count, fmt_time(sec))
             last = {**evals, "train_loss": train_m["loss"]}
             st.batch, st.loss_sum, st.loss_count = 0, 0.0, 0
     finally:

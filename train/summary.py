@@ -1,21 +1,25 @@
 """What the user sees (rank 0 only): progress, summary.csv, TensorBoard scalars, a final table.
 
-progress: 'bar' (tqdm on a terminal), 'lines' (one line every run.log_every steps, for logs and
-CI), 'off'; 'auto' = bar on a terminal, lines otherwise. summary.csv has timm's columns
-(epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) plus eval_ema_* when EMA is on and
-the PAL monitor's train_pal_* / train_mode_*; it is rewritten whole (atomically) from the
-checkpointed history at each epoch end, so a killed and resumed run ends with the same file.
+progress: 'bar' (tqdm on a terminal), 'lines' (one log line every run.log_every steps, for logs
+and CI; train/logs.py routes it), 'off'; 'auto' = bar on a terminal, lines otherwise.
+summary.csv has timm's columns (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) plus
+eval_ema_* when EMA is on and the PAL monitor's train_pal_* / train_mode_*; it is rewritten
+whole (atomically) from the checkpointed history at each epoch end, so a killed and resumed
+run ends with the same file.
 """
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = ["Progress", "Reporter", "format_table", "fmt_time", "write_summary", "PAL_FILE"]
+
+logger = logging.getLogger(__name__)
 
 PAL_FILE = "pal_alpha.json"     # PAL's alpha per epoch, rewritten at each epoch end (method mixpro)
 
@@ -77,9 +81,9 @@ class Progress:
             self.bar.set_postfix_str(f"loss {info['loss']:.4f} lr {info['lr']:.2e} "
                                      f"{info['img_s']:.0f} img/s run ETA {fmt_time(left_run)}")
         elif self.mode == "lines":
-            print(f"epoch {state.epoch + 1}/{self.epochs} [{state.batch}/{self.n_batches}] "
-                  f"loss {info['loss']:.4f} lr {info['lr']:.2e} {info['img_s']:.0f} img/s "
-                  f"ETA {fmt_time(left_epoch)} (run {fmt_time(left_run)})", flush=True)
+            logger.info("epoch %s/%s [%s/%s] loss %.4f lr %.2e %.0f img/s ETA %s (run %s)",
+                        state.epoch + 1, self.epochs, state.batch, self.n_batches, info["loss"],
+                        info["lr"], info["img_s"], fmt_time(left_epoch), fmt_time(left_run))
 
     def end_epoch(self, state) -> None:
         self.done_batches += state.batch - self.first
