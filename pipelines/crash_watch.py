@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import faulthandler
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ KEEP_BATCHES = 4          # the batch being decoded and those prefetched around 
 CRASH_TAG = "[pipelines] the run died in the image decoder"
 _FATAL = "Fatal Python error"
 _WATCHES: dict[tuple, "CrashWatch"] = {}
+logger = logging.getLogger(__spec__.name)  # 'pipelines.crash_watch' also under python -m
 
 
 class CrashWatch:
@@ -112,11 +114,11 @@ def serve(backend: str, device_id: int | None) -> int:
     roots = {f: root for root, files in batches for f in files}
     failed = find_failures(list(roots), backend=backend, device_id=device_id)
     for path, reason in failed.items():
-        print(f"{CRASH_TAG}: cannot decode {path!r} ({reason}); "
-              f"{SCAN_HINT.format(root=roots[path])}", file=sys.stderr, flush=True)
+        logger.error("%s: cannot decode %r (%s); %s", CRASH_TAG, path, reason,
+                     SCAN_HINT.format(root=roots[path]))
     if not failed:
-        print(f"{CRASH_TAG}? decoding its last {len(roots)} files again in a subprocess "
-              "did not crash; the fault may lie elsewhere", file=sys.stderr, flush=True)
+        logger.error("%s? decoding its last %s files again in a subprocess did not crash; the "
+                     "fault may lie elsewhere", CRASH_TAG, len(roots))
     return 1
 
 
@@ -127,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--device-id", type=int, default=None)
     args = parser.parse_args(argv)
+    from .logs import setup_logging
+    setup_logging(info_stream="stderr")           # its reports go to the run's stderr
     return serve(args.backend, args.device_id)
 
 

@@ -11,12 +11,15 @@ batch that raises or kills its worker is split in halves until each culprit stan
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from typing import Callable, Iterable, Sequence
 
 from .compat import shutdown_pipeline
+
+logger = logging.getLogger(__spec__.name)  # 'pipelines.decode_worker' also under python -m
 
 __all__ = ["DecodeWorker", "find_failures", "decode_files", "crash_reason"]
 
@@ -105,7 +108,7 @@ def serve(backend: str, device_id: int | None) -> None:
                 blobs.append(read_source(p))
             except OSError as e:                  # the parent checks readability first
                 blobs.append(b"")
-                print(f"cannot read {p}: {e}", file=sys.stderr)
+                logger.warning("cannot read %s: %s", p, e)
         try:
             images = decoder(blobs)
         except Exception as e:  # noqa: BLE001 (any DALI error: the parent bisects)
@@ -257,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--device-id", type=int, default=None)
     args = parser.parse_args(argv)
+    from .logs import setup_logging
+    setup_logging(info_stream="stderr")           # stdout is the protocol
     serve(args.backend, (args.device_id or 0) if args.backend == "gpu" else None)
 
 

@@ -21,17 +21,29 @@ Where the IDX files come from, first hit wins:
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 __all__ = ["CLASSES", "FILES", "default_cache_dir", "find_raw", "read_idx", "prepare_fashion_mnist"]
+
+logger = logging.getLogger(__name__)
+Log = Callable[[str], None] | None   # a caller's own log(message); None: this module's logger
+
+
+def _say(log: Log, message: str, level: int = logging.INFO) -> None:
+    if log is None:
+        logger.log(level, message)
+    else:
+        log(message)
 
 CLASSES = ("t-shirt_top", "trouser", "pullover", "dress", "coat",
            "sandal", "shirt", "sneaker", "bag", "ankle_boot")
@@ -65,12 +77,12 @@ def _has_all(folder: Path) -> bool:
     return all((folder / f).is_file() for f in FILES.values())
 
 
-def _from_deb(raw: Path, log) -> bool:
+def _from_deb(raw: Path, log: Log) -> bool:
     """apt-get download + dpkg-deb -x into raw/ (works without root); False if unavailable."""
     if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
         return False
     with tempfile.TemporaryDirectory(dir=raw.parent) as tmp:
-        log(f"fetching Debian package {DEB_PACKAGE} (30 MB) ...")
+        _say(log, f"fetching Debian package {DEB_PACKAGE} (30 MB) ...")
         try:
             subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=tmp, check=True,
                            capture_output=True, timeout=600)
@@ -80,7 +92,7 @@ def _from_deb(raw: Path, log) -> bool:
             subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "x")], check=True,
                            capture_output=True, timeout=600)
         except (subprocess.SubprocessError, OSError) as e:
-            log(f"  apt-get download failed: {str(e).strip()[:200]}")
+            _say(log, f"  apt-get download failed: {str(e).strip()[:200]}", logging.WARNING)
             return False
         src = Path(tmp) / "x" / SYSTEM_DIR.relative_to("/")
         if not _has_all(src):
@@ -91,25 +103,25 @@ def _from_deb(raw: Path, log) -> bool:
     return True
 
 
-def _from_url(raw: Path, log) -> bool:
+def _from_url(raw: Path, log: Log) -> bool:
     raw.mkdir(parents=True, exist_ok=True)
     try:
         for f in FILES.values():
             if (raw / f).is_file():
                 continue
-            log(f"downloading {URL}{f} ...")
+            _say(log, f"downloading {URL}{f} ...")
             tmp = raw / (f + ".part")
             with urllib.request.urlopen(URL + f, timeout=60) as r, open(tmp, "wb") as out:
                 shutil.copyfileobj(r, out)
             os.replace(tmp, raw / f)
     except OSError as e:
-        log(f"  download failed: {e}")
+        _say(log, f"  download failed: {e}", logging.WARNING)
         return False
     return True
 
 
 def find_raw(cache_dir: Path, raw_dir: str | Path | None = None, *, download: bool = True,
-             log=print) -> Path:
+             log: Log = None) -> Path:
     """The folder holding the four IDX .gz files (see the module docstring for the order)."""
     if raw_dir is not None:
         raw_dir = Path(raw_dir)
@@ -169,8 +181,9 @@ def _write_split(root: Path, images: np.ndarray, labels: np.ndarray, index: np.n
 
 def prepare_fashion_mnist(cache_dir: str | Path | None = None, *, train_size: int = 20000,
                           val_size: int = 5000, image_size: int = 32, raw_dir=None,
-                          download: bool = True, quality: int = 95, log=print) -> Path:
-    """Build (once) and return the root holding train/ and val/ class folders."""
+                          download: bool = True, quality: int = 95, log: Log = None) -> Path:
+    """Build (once) and return the root holding train/ and val/ class folders. Progress goes to
+    `log(message)` when given, else to this module's logger (INFO; failed downloads: WARNING)."""
     for name, n, hi in (("train_size", train_size, 60000), ("val_size", val_size, 10000)):
         if isinstance(n, bool) or not isinstance(n, int) or not 10 <= n <= hi or n % 10:
             raise ValueError(f"{name} must be a multiple of 10 in [10, {hi}], got {n!r}")
@@ -181,8 +194,8 @@ def prepare_fashion_mnist(cache_dir: str | Path | None = None, *, train_size: in
     if (root / "train").is_dir() and (root / "val").is_dir():
         return root
     raw = find_raw(cache_dir, raw_dir, download=download, log=log)
-    log(f"converting Fashion-MNIST ({raw}) -> {root} "
-        f"({train_size} train / {val_size} val JPEGs, {image_size} px) ...")
+    _say(log, f"converting Fashion-MNIST ({raw}) -> {root} "
+              f"({train_size} train / {val_size} val JPEGs, {image_size} px) ...")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=cache_dir))
     try:

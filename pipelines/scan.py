@@ -19,6 +19,7 @@ resumable. Class folders and file lists only.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tarfile
@@ -27,7 +28,10 @@ from multiprocessing import Pool
 from typing import Iterator, Sequence
 
 from .badfiles import check_bytes, check_source
+from .logs import setup_logging
 from .readers import WDS_IMAGE_EXT, WDS_LABEL_EXT, resolve_source
+
+logger = logging.getLogger(__spec__.name)  # 'pipelines.scan' also under python -m
 
 __all__ = ["scan", "scan_files", "scan_tar", "main"]
 
@@ -116,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", "-q", action="store_true", help="--deep: no progress line")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
+    setup_logging(info_stream="stderr")           # stdout is the bad-file list
     start = time.perf_counter()
     try:
         if args.deep:
@@ -124,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             unit, count, bad = scan(args.root, decode=args.decode, workers=args.workers)
             extra = ""
     except (FileNotFoundError, ValueError) as e:
-        print(f"scan: {e}", file=sys.stderr)
+        logger.error("scan: %s", e)
         return 2
     lines = [f"{path}\t{reason}" for path, reason in bad]
     for line in lines:
@@ -133,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
     took = time.perf_counter() - start
-    print(f"scan: {count} {unit} checked in {took:.1f} s ({count / max(took, 1e-9):.0f}/s), "
-          f"{len(bad)} bad{' -> ' + args.output if args.output else ''}{extra}", file=sys.stderr)
+    logger.info("scan: %s %s checked in %.1f s (%.0f/s), %s bad%s%s", count, unit, took,
+                count / max(took, 1e-9), len(bad), " -> " + args.output if args.output else "",
+                extra)
     return 1 if bad else 0
 
 

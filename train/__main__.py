@@ -87,7 +87,7 @@ def _error(msg: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .dist import env_rank
-    from .logs import setup_logging
+    from pipelines.logs import setup_logging
     try:
         setup_logging(env_rank())
         cfg, args, name = resolve(argv)

@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .dist import env_rank
-    from .logs import setup_logging
+    from pipelines.logs import setup_logging
     args = _parser().parse_args(argv)
     try:
         setup_logging(env_rank())

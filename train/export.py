@@ -13,9 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
+from pipelines.logs import setup_logging
+
 from .checkpoint import export_backbone
 from .dist import env_rank
-from .logs import setup_logging
 
 logger = logging.getLogger(__spec__.name)  # 'train.export' also under python -m
 

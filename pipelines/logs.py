@@ -1,10 +1,12 @@
-"""Rank-aware logging for the trainer's commands (`python -m train`, `train.evaluate`, `train.export`).
+"""Rank-aware logging for the commands (`python -m train`, `train.evaluate`, `pipelines.scan`, ...).
 
-Library and data-path modules only do `logger = logging.getLogger(__name__)`; a command calls
-`setup_logging(rank)` once. Rank 0 shows INFO and up as bare messages: progress and status on
-stdout, warnings and errors on stderr. Other ranks show WARNING and up, prefixed "[rank N] ",
-unless `all_ranks=True` or MIXPRO_LOG_ALL_RANKS=1 (then their INFO lines too). Only the project's
-packages are raised to INFO; other libraries keep Python's default (WARNING).
+Modules only do `logger = logging.getLogger(__name__)`; a command calls `setup_logging(rank)`
+once. Rank 0 shows INFO and up as bare messages: progress and status on stdout (stderr for a
+command whose stdout is its result, such as the scan's file list), warnings and errors on
+stderr. Other ranks show WARNING and up, prefixed "[rank N] ", unless `all_ranks=True` or
+MIXPRO_LOG_ALL_RANKS=1 (then their INFO lines too). Only the project's packages are raised to
+INFO; other libraries keep Python's default (WARNING). It lives here, not in train/, so that
+the data path's own commands can use it (the layering: mixpro_dali <- pipelines <- train).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class _StdStream(logging.StreamHandler):
         self._name = name
 
     @property
-    def stream(self):  # noqa: D102 - StreamHandler reads self.stream
+    def stream(self):  # StreamHandler writes to self.stream
         return getattr(sys, self._name)
 
 
@@ -44,22 +46,26 @@ def all_ranks_from_env() -> bool:
     return value == "1"
 
 
-def setup_logging(rank: int = 0, level: int = logging.INFO, all_ranks: bool | None = None) -> None:
-    """Route the project's log records to stdout (below WARNING) and stderr (WARNING and up).
+def setup_logging(rank: int = 0, level: int = logging.INFO, all_ranks: bool | None = None, *,
+                  info_stream: str = "stdout") -> None:
+    """Route the project's log records: below WARNING to `info_stream` ('stdout' | 'stderr'),
+    WARNING and up to stderr.
 
     rank: this process's rank (`train.dist.env_rank()`); ranks > 0 prefix "[rank N] " and drop
     records below WARNING unless all_ranks (None: read MIXPRO_LOG_ALL_RANKS). Calling it again
-    replaces the handlers it added before (no duplicated lines)."""
+    replaces the handlers it added before (no line shows twice)."""
+    if info_stream not in ("stdout", "stderr"):
+        raise ValueError(f"info_stream must be 'stdout' or 'stderr', got {info_stream!r}")
     if all_ranks is None:
         all_ranks = all_ranks_from_env()
     root = logging.getLogger()
     for h in [h for h in root.handlers if isinstance(h, _StdStream)]:
         root.removeHandler(h)
     fmt = logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
-    out, err = _StdStream("stdout"), _StdStream("stderr")
-    out.addFilter(_below_warning)
-    err.setLevel(logging.WARNING)
-    for h in (out, err):
+    info, problems = _StdStream(info_stream), _StdStream("stderr")
+    info.addFilter(_below_warning)
+    problems.setLevel(logging.WARNING)
+    for h in (info, problems):
         h.setFormatter(fmt)
         root.addHandler(h)
     shown = level if rank == 0 or all_ranks else max(level, logging.WARNING)

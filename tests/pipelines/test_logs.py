@@ -1,21 +1,17 @@
-"""Rank-aware logging (train/logs.py): rank 0 shows INFO on stdout, the other ranks only warnings
-and errors (prefixed with their rank) unless asked; setting up twice adds no second copy of a
-line; other libraries stay at WARNING; a real `python -m train` still shows its progress lines."""
+"""Rank-aware logging (pipelines/logs.py): rank 0 shows INFO on stdout, the other ranks only
+warnings and errors (prefixed with their rank) unless asked; setting up twice adds no second
+copy of a line; other libraries stay at WARNING. A real `python -m train` run:
+tests/train/test_train_logs.py."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from train_fixtures import make_tree, tiny_config
-from train.logs import ALL_RANKS_ENV, PACKAGES, all_ranks_from_env, setup_logging
+from pipelines.logs import ALL_RANKS_ENV, PACKAGES, all_ranks_from_env, setup_logging
 
-REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("train.some_module")   # as a module of the trainer would have it
 
 
@@ -75,13 +71,15 @@ def test_warnings_and_errors_pass_on_every_rank(rank, capsys):
     assert err == f"{prefix}cannot read a.jpg\n{prefix}python -m train: error: boom\n"
 
 
+def ours() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers if type(h).__module__ == "pipelines.logs"]
+
+
 def test_setting_up_twice_adds_no_second_handler(capsys):
-    root = logging.getLogger()
-    before = len(root.handlers)
     setup_logging(0)
     setup_logging(0)
     setup_logging(0, level=logging.INFO)
-    assert len(root.handlers) == before + 2  # one for stdout, one for stderr
+    assert len(ours()) == 2  # one for INFO (stdout), one for WARNING and up (stderr)
     log.info("once")
     log.warning("once too")
     assert capsys.readouterr() == ("once\n", "once too\n")
@@ -97,9 +95,6 @@ def test_other_libraries_stay_at_warning(capsys):
 
 def test_a_redirected_stream_is_followed(capsys):
     """The handlers look sys.stdout up when they write (set up before a redirection)."""
-    import contextlib
-    import io
-
     setup_logging(0)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -107,20 +102,17 @@ def test_a_redirected_stream_is_followed(capsys):
     assert buf.getvalue() == "into the buffer\n" and capsys.readouterr().out == ""
 
 
-@pytest.mark.slow
-def test_a_real_run_still_shows_its_progress_lines(tmp_path):
-    tree = make_tree(tmp_path / "tree", n_train=4, n_val=2)
-    out = tmp_path / "run"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(tree, out, data={"batch_size": 6},
-                                              run={"progress": "lines", "log_every": 1})))
-    env = {k: v for k, v in os.environ.items() if k not in ("MIXPRO_KILL_AT", ALL_RANKS_ENV)}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    proc = subprocess.run([sys.executable, "-m", "train", "--config", str(cfg)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert sum(ln.startswith("epoch 1/1 [") and " img/s ETA " in ln for ln in lines) == 2, lines
-    assert any(ln.startswith("epoch 1/1: train loss ") and "(6 images)" in ln for ln in lines)
-    assert any("M params, 1 x cpu, global batch 6" in ln for ln in lines), lines
-    assert "| best top-1" in proc.stdout and "epoch 1/1" not in proc.stderr
+def test_info_on_stderr_for_a_command_whose_stdout_is_its_result(capsys):
+    setup_logging(0, info_stream="stderr")
+    log.info("scan: 12 files checked")
+    log.warning("cannot read a.jpg")
+    assert capsys.readouterr() == ("", "scan: 12 files checked\ncannot read a.jpg\n")
+    with pytest.raises(ValueError, match="info_stream must be 'stdout' or 'stderr', got 'out'"):
+        setup_logging(0, info_stream="out")
+
+
+def test_a_level_above_info_hides_info_on_rank0(capsys):
+    setup_logging(0, level=logging.WARNING)
+    log.info("progress")
+    log.warning("problem")
+    assert capsys.readouterr() == ("", "problem\n")
