@@ -1,7 +1,7 @@
 """What the user sees (rank 0 only): progress, summary.csv, TensorBoard scalars, a final table.
 
 progress: 'bar' (tqdm on a terminal), 'lines' (one log line every run.log_every steps, for logs
-and CI; train/logs.py routes it), 'off'; 'auto' = bar on a terminal, lines otherwise.
+and CI; pipelines/logs.py routes it), 'off'; 'auto' = bar on a terminal, lines otherwise.
 summary.csv has timm's columns (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) plus
 eval_ema_* when EMA is on and the PAL monitor's train_pal_* / train_mode_*; it is rewritten
 whole (atomically) from the checkpointed history at each epoch end, so a killed and resumed
