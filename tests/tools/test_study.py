@@ -73,7 +73,8 @@ def test_train_command_is_a_valid_train_cli_call(tmp_path):
 
 # what train/summary.py writes (CRLF, epoch from 0, top-1 in %)
 SUMMARY_CSV = ("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\r\n"
-               "0,1.9189914,1.7940460,28.4,86.7,0.0018\r\n1,1.7368870,1.4140495,49.0,93.0,0.0013\r\n")
+               "0,1.9189914,1.7940460,28.4,86.7,0.0018\r\n"
+               "1,1.7368870,1.4140495,49.0,93.0,0.0013\r\n")
 
 
 class FakeRunner:
