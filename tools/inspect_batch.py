@@ -187,10 +187,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipelines.logs import setup_logging
     from train.__main__ import DEFAULT_CONFIG, parse_overrides
     from train.config import TrainConfig, apply_overrides, load_yaml, resolve_config_path
 
     args, rest = _parser().parse_known_args(argv)
+    setup_logging()             # the demo data's preparation messages, as under python -m train
     try:
         if args.images < 1:
             raise ValueError(f"--images must be >= 1, got {args.images}")

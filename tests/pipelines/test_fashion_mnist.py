@@ -4,6 +4,7 @@ files everywhere; the real Fashion-MNIST files too when this machine has them.""
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
@@ -55,6 +56,19 @@ def test_tree_is_balanced_padded_and_labelled(raw, tmp_path):
             assert abs(int(img[16, 16]) - (20 * c + 5)) <= 3  # JPEG, near-lossless on flats
             assert img[:2].max() <= 8 and img[:, :2].max() <= 8  # black 2-px border (padding)
     assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name]
+
+
+def test_progress_goes_to_the_module_logger_unless_a_log_is_given(raw, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.fashion_mnist")
+    fm.prepare_fashion_mnist(tmp_path / "a", train_size=10, val_size=10, raw_dir=raw)
+    assert [(r.name, r.levelno) for r in caplog.records] == [
+        ("pipelines.fashion_mnist", logging.INFO)]
+    assert caplog.records[0].getMessage().startswith(f"converting Fashion-MNIST ({raw}) -> ")
+    caplog.clear()
+    said: list[str] = []
+    fm.prepare_fashion_mnist(tmp_path / "b", train_size=10, val_size=10, raw_dir=raw,
+                             log=said.append)
+    assert not caplog.records and len(said) == 1 and said[0].startswith("converting")
 
 
 def test_built_once(raw, tmp_path):
