@@ -33,6 +33,8 @@ the install check `mixpro_dali/smoke.py` (`tests/test_layering.py` allows exactl
 from __future__ import annotations
 
 import contextlib
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,7 @@ from .config import MODES, MixConfig
 from .masks import MixParams, apply_mix, sample_mix, stage_params
 
 LAYOUTS = ("HWC", "CHW")
+_shape = operator.attrgetter("shape")
 _KEEP = 64   # draws kept for the mix; DALI's prefetch runs the draw a few batches ahead
 
 _TYPESTR = {torch.uint8: "|u1", torch.int8: "|i1", torch.int16: "<i2", torch.int32: "<i4",
@@ -67,7 +70,7 @@ def batch_view(samples: list[torch.Tensor], *, same_shape: bool = False) -> torc
     typestr = _TYPESTR.get(first.dtype)
     if (typestr is None or not first.is_contiguous()
             or (not same_shape and len({s.shape for s in samples}) != 1)
-            or [s.data_ptr() for s in samples] != list(range(ptr, ptr + nbytes * len(samples),
+            or list(map(torch.Tensor.data_ptr, samples)) != list(range(ptr, ptr + nbytes * len(samples),
                                                               max(nbytes, 1)))):
         return torch.stack(samples)
     iface = {"shape": (len(samples), *first.shape), "typestr": typestr, "data": (ptr, False),
@@ -96,7 +99,22 @@ class MaskMixOperator:
         self.shard_id = shard_id
         self.device = device
         self.batch_size = batch_size
+        self._hooks: list[Callable[[str], contextlib.AbstractContextManager]] = []
         self.set_batch_index(0)
+
+    def add_hook(self, hook: Callable[[str], contextlib.AbstractContextManager]
+                 ) -> Callable[[], None]:
+        """Run every later `draw` and mix call inside `hook("draw")` / `hook("mix")`, a context
+        manager (to time or count them: the benchmarks do). Returns a function that removes
+        the hook. Without hooks the calls pay one truth test."""
+        self._hooks.append(hook)
+        return lambda: self._hooks.remove(hook)
+
+    def _hooked(self, name: str, fn: Callable, *args: Any) -> Any:
+        with contextlib.ExitStack() as stack:
+            for hook in list(self._hooks):
+                stack.enter_context(hook(name))
+            return fn(*args)
 
     @property
     def batch_index(self) -> int:
@@ -115,6 +133,11 @@ class MaskMixOperator:
         """The next batch's decisions as dense host batches: partner (B,) int32, lam (B,)
         float32, token_mask (B, h, w) uint8, mode (B,) int32. DALI's batch info is not used:
         the counter is the operator's own (restored with `set_batch_index`)."""
+        if self._hooks:
+            return self._hooked("draw", self._draw)
+        return self._draw()
+
+    def _draw(self) -> tuple[np.ndarray, ...]:
         k = self._draw_index
         self._draw_index += 1
         p = sample_mix(self.config, self.batch_size, k, self.shard_id)
@@ -161,10 +184,16 @@ class MaskMixOperator:
         return self._out
 
     def __call__(self, images: list[Any]) -> list[Any]:
+        """DALI's call: one DLPack capsule per image in, one per mixed image out."""
+        if self._hooks:
+            return self._hooked("mix", self._mix, images)
+        return self._mix(images)
+
+    def _mix(self, images: list[Any]) -> list[Any]:
         params = self._params(len(images))
         with self._stream():
-            samples = [torch.from_dlpack(t) for t in images]
-            if len({s.shape for s in samples}) != 1:
+            samples = list(map(torch.from_dlpack, images))
+            if len(set(map(_shape, samples))) != 1:
                 raise ValueError(f"mix: every image must be {self.layout} with size "
                                  f"{self.config.image_size[0]}x{self.config.image_size[1]} "
                                  f"(MixConfig.image_size), got shapes "
@@ -176,7 +205,7 @@ class MaskMixOperator:
                                   out=self._output(batch))
             if self.device == "cpu":     # numpy's per-sample views and capsules: ~5x cheaper
                 return [a.__dlpack__() for a in batch.numpy()]
-            return [to_dlpack(s) for s in batch.unbind(0)]
+            return list(map(to_dlpack, batch.unbind(0)))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ the development machine is shared. Writes operator-cpu.json and operator-cpu.md 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -42,15 +43,18 @@ else:   # a worker runs this file as a script inside the tree it measures, which
     _compat = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_compat)
     shutdown_pipeline = _compat.shutdown_pipeline
-MODES = ("maskmix", "cutmix", "mixup", "unmixed", "never")
+SCENARIOS = ("maskmix", "cutmix", "mixup", "unmixed", "never")
+"""What the small-tensor proxies run: a config with one mode on every batch (maskmix, cutmix,
+mixup), a mixing config whose batches draw `none` (unmixed), one that never mixes (never)."""
 SMALL = dict(image_size=8, patch_size=4, mask_patch=4)
 
 
 # ---------------------------------------------------------------- worker (runs in the tree)
 
 def _instrument(op: Any, counts: dict[str, list] | None, times: dict[str, list]) -> None:
-    """Class-swap `op` so each call of `draw` / `__call__` records its ops and its time (DALI
-    holds this very object; the draw node looks `op.draw` up per call)."""
+    """Record the ops (when `counts`) and the time of each `draw` / mix call of `op`, through
+    the operator's public `add_hook`. A baseline tree that predates the hook gets the same
+    measurement from a subclass swapped in under DALI (the only way into its `__call__`)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -62,29 +66,31 @@ def _instrument(op: Any, counts: dict[str, list] | None, times: dict[str, list])
             self.n += not func.is_view
             return func(*args, **(kwargs or {}))
 
+    @contextlib.contextmanager
+    def measured(name: str):
+        mode = Count() if counts is not None else None
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            with mode if mode is not None else contextlib.nullcontext():
+                yield
+        finally:
+            times[name].append((time.perf_counter() - t0, time.thread_time() - c0))
+            if mode is not None:
+                counts[name].append(mode.n)
+
+    if hasattr(op, "add_hook"):
+        op.add_hook(measured)
+        return
     base = type(op)
 
-    def wrap(name):
-        method = getattr(base, name, None)
-        if method is None:
-            return None
-
+    def wrap(method, name):
         def timed(self, *args):
-            mode = Count() if counts is not None else None
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                if mode is None:
-                    return method(self, *args)
-                with mode:
-                    return method(self, *args)
-            finally:
-                times[name].append((time.perf_counter() - t0, time.thread_time() - c0))
-                if mode is not None:
-                    counts[name].append(mode.n)
+            with measured(name):
+                return method(self, *args)
         return timed
 
-    attrs = {n: f for n in ("__call__", "draw") if (f := wrap(n)) is not None}
-    op.__class__ = type("Instrumented", (base,), attrs)
+    op.__class__ = type("Instrumented", (base,), {"__call__": wrap(base.__call__, "mix"),
+                                                  "draw": wrap(base.draw, "draw")})
 
 
 def _small_pipeline(mode: str, batch: int):
@@ -116,29 +122,29 @@ def _small_pipeline(mode: str, batch: int):
 
 def _run_small(mode: str, batch: int, batches: int, count: bool) -> dict[str, Any]:
     p, op = _small_pipeline(mode, batch)
-    counts = {"__call__": [], "draw": []} if count else None
-    times = {"__call__": [], "draw": []}
+    counts = {"mix": [], "draw": []} if count else None
+    times = {"mix": [], "draw": []}
     for _ in range(3):                     # warm-up (allocations, first DLPack paths)
         p.run()
     _instrument(op, counts, times)
     for _ in range(batches):
         p.run()
     shutdown_pipeline(p)                   # python operators: shut down before collection
-    n = min(len(times["__call__"]) or batches, batches)
+    n = min(len(times["mix"]) or batches, batches)
     per = [sum(times[k][i][0] for k in times if len(times[k]) > i) for i in range(n)]
     cpu = [sum(times[k][i][1] for k in times if len(times[k]) > i) for i in range(n)]
     res = {"ms_wall": 1e3 * statistics.median(per) if per else 0.0,
            "ms_cpu": 1e3 * statistics.median(cpu) if cpu else 0.0,
-           "ms_call": 1e3 * statistics.median(t[0] for t in times["__call__"])
-           if times["__call__"] else 0.0,
+           "ms_call": 1e3 * statistics.median(t[0] for t in times["mix"])
+           if times["mix"] else 0.0,
            "ms_draw": 1e3 * statistics.median(t[0] for t in times["draw"]) if times["draw"] else 0.0,
-           "ms_call_cpu": 1e3 * statistics.median(t[1] for t in times["__call__"])
-           if times["__call__"] else 0.0,
-           "ms_call_cpu_min": 1e3 * min(t[1] for t in times["__call__"]) if times["__call__"] else 0.0,
+           "ms_call_cpu": 1e3 * statistics.median(t[1] for t in times["mix"])
+           if times["mix"] else 0.0,
+           "ms_call_cpu_min": 1e3 * min(t[1] for t in times["mix"]) if times["mix"] else 0.0,
            "ms_draw_cpu": 1e3 * statistics.median(t[1] for t in times["draw"])
            if times["draw"] else 0.0}
     if count:
-        res["ops_call"] = max(counts["__call__"], default=0)
+        res["ops_call"] = max(counts["mix"], default=0)
         res["ops_draw"] = max(counts["draw"], default=0)
         res["ops"] = res["ops_call"] + res["ops_draw"]
     return res
@@ -153,7 +159,7 @@ def _run_share(preset: str, data: str, batches: int) -> dict[str, Any]:
     torch.set_num_threads(1)   # as tools.bench_pipeline: the main thread only collates
     mix = MixConfig.preset(preset, image_size=224, patch_size=16, mask_patch=64, seed=0)
     loader = TrainLoader(data, batch_size=64, image_size=224, device="cpu", num_threads=2, mix=mix)
-    times = {"__call__": [], "draw": []}
+    times = {"mix": [], "draw": []}
     it = iter(())
 
     def nxt():
@@ -188,7 +194,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     if spec["kind"] == "small":
         res = {}
-        for m in MODES:
+        for m in SCENARIOS:
             res[f"small/{m}"] = {str(b): _run_small(m, b, 4, True) for b in (16, 64, 256)}
             res[f"time/{m}"] = {"256": _run_small(m, 256, spec["batches"], False)}
         return res
@@ -235,7 +241,7 @@ def summarize(payload: dict[str, Any], names: list[str]) -> dict[str, Any]:
     s: dict[str, Any] = {}
     for n in names:
         d = s[n] = {}
-        for m in MODES:
+        for m in SCENARIOS:
             small = rounds[0][n][f"small/{m}"]
             d[f"ops/{m}"] = {b: small[b]["ops"] for b in ("16", "64", "256")}
             d[f"ms_wall/{m}"] = statistics.median(r[n][f"time/{m}"]["256"]["ms_wall"] for r in rounds)
@@ -250,7 +256,7 @@ def summarize(payload: dict[str, Any], names: list[str]) -> dict[str, Any]:
     if len(names) == 2:
         base, cur = names
         ratios = {}
-        for m in MODES:
+        for m in SCENARIOS:
             for key in ("ms_wall", "ms_cpu"):
                 ratios[f"{key}/{m}"] = statistics.median(
                     _ratio(r[cur][f"time/{m}"]["256"][key], r[base][f"time/{m}"]["256"][key])
@@ -273,18 +279,18 @@ def table(summary: dict[str, Any], names: list[str]) -> str:
     lines = ["| proxy | " + " | ".join(names) + (" | current / baseline |" if len(names) == 2 else " |"),
              "|---|" + "---|" * (len(names) + (len(names) == 2))]
     ratios = summary.get("ratios_current_over_baseline", {})
-    for m in MODES:
+    for m in SCENARIOS:
         ops = [summary[n][f"ops/{m}"] for n in names]
         lines.append(f"| non-view torch ops per batch, {m}, B=16 / 64 / 256 | "
                      + " | ".join(f"{o['16']} / {o['64']} / {o['256']}" for o in ops)
                      + (" | |" if len(names) == 2 else " |"))
-    for m in MODES:
+    for m in SCENARIOS:
         lines.append(f"| Python ms per batch at B=256, {m}: thread CPU (wall) | "
                      + " | ".join(f"{summary[n][f'ms_cpu/{m}']:.2f} ({summary[n][f'ms_wall/{m}']:.2f})"
                                   for n in names)
                      + (f" | {fmt(ratios.get(f'ms_cpu/{m}'))} ({fmt(ratios.get(f'ms_wall/{m}'))}) |"
                         if len(names) == 2 else " |"))
-    for m in MODES:
+    for m in SCENARIOS:
         lines.append(f"| of which the mix call, {m}: CPU median (min); the draw | "
                      + " | ".join(f"{summary[n][f'ms_call_cpu/{m}']:.2f} "
                                   f"({summary[n][f'ms_call_cpu_min/{m}']:.2f}); "

@@ -376,3 +376,18 @@ def test_mix_samples_none_returns_the_inputs():
     samples = list(torch.rand(3, 3, 32, 32).unbind(0))
     assert all(a is b for a, b in zip(mix_samples(samples, params, patch_size=8, layout="CHW"),
                                        samples))
+
+
+def test_token_runs_merge_only_tokens_with_one_source():
+    """`_run_tokens`: the longest aligned runs (dividing w) with one source in every sample; a
+    2x4 grid with MaskMix cells of 2 tokens copies runs of 2, a GPU mask is never read."""
+    from mixpro_dali.masks import _run_tokens
+
+    mask = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 0]], [[0, 0, 1, 1], [1, 1, 1, 1]]],
+                        dtype=torch.uint8)
+    assert _run_tokens(mask) == 2
+    assert _run_tokens(torch.ones(3, 2, 6, dtype=torch.uint8)) == 6
+    mask[1, 1, 1] = 0
+    assert _run_tokens(mask) == 1
+    cfg = MixConfig.preset("maskmix", image_size=224, patch_size=16, mask_patch=64, seed=0)
+    assert all(_run_tokens(sample_mix(cfg, 8, k).token_mask) in (2, 7, 14) for k in range(5))
