@@ -143,7 +143,7 @@ def base_methods() -> tuple[str, ...]:
 def resolve_method(method: str, variant: str | None = None) -> Method:
     """The row of `method`, or of its `variant` ("paper": the method itself, "official": the
     row whose variant_of is `method` with label_variant "official"), for the trainer's
-    `mix.method` + `mix.preset`."""
+    `mix.method` + `mix.label_variant`."""
     row = get_method(method)
     if variant is None or variant == row.label_variant:
         return row

@@ -31,7 +31,7 @@ HEAVY_AUG = ["--data.auto_augment", "rand-m9-mstd0.5-inc1", "--data.re_prob", "0
 CASES: dict[str, list[str]] = {
     "mixpro": [],
     "mixpro-ra-erasing": HEAVY_AUG,
-    "mixpro-official": ["--mix.preset", "official"],
+    "mixpro-official": ["--mix.label_variant", "official"],
     "transmix-ra-erasing": ["--mix.method", "transmix", *HEAVY_AUG],
     "deit": ["--mix.method", "deit"],
     "maskmix": ["--mix.method", "maskmix"],

@@ -149,8 +149,9 @@ def load_batch(cfg, *, index: int, device: str) -> tuple[dict[str, torch.Tensor]
     dist = init_distributed(device)
     train_src, val_src = resolve_data(cfg, dist)
     _, patch = build_model(cfg)                    # the token grid the labels are made for
-    mix_cfg = mix_config_for(cfg.mix.method, cfg.mix.preset, image_size=cfg.data.image_size,
-                             patch_size=patch, mask_patch=cfg.mix.mask_patch, seed=cfg.run.seed,
+    mix_cfg = mix_config_for(cfg.mix.method, cfg.mix.label_variant,
+                             image_size=cfg.data.image_size, patch_size=patch,
+                             mask_patch=cfg.mix.mask_patch, seed=cfg.run.seed,
                              options=cfg.mix.options)
     train, val = build_loaders(cfg, dist, mix_cfg, train_src, val_src)
     val.close()

@@ -14,6 +14,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -24,7 +25,8 @@ from mixpro_dali.methods import base_methods, resolve_method
 from pipelines.options import DataOptions
 
 __all__ = ["DataConfig", "ModelConfig", "MixSection", "OptimConfig", "RunConfig", "TrainConfig",
-           "METHODS", "load_yaml", "apply_overrides", "resolve_config_path", "CONFIG_DIR"]
+           "METHODS", "load_yaml", "apply_overrides", "resolve_config_path", "CONFIG_DIR",
+           "RENAMED_KEYS", "DeprecatedConfigKey"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -111,11 +113,12 @@ class ModelConfig:
 class MixSection:
     """Mixing method and label recipe. method -> MixConfig preset and mix_targets method:
     none/deit/maskmix -> area labels; transmix -> TransMix labels; mixpro -> PAL.
-    preset: 'paper' or 'official' (fistyee/MixPro parity; mixpro only). `options` override
-    MixConfig fields (probs, beta, mixup_alpha, cutmix_alpha, rounding, partner, ...)."""
+    label_variant: 'paper' or 'official' (fistyee/MixPro parity; mixpro only; the old key
+    `mix.preset` still works and warns). `options` override MixConfig fields (probs, beta,
+    mixup_alpha, cutmix_alpha, rounding, partner, ...)."""
 
     method: str = "mixpro"
-    preset: str = "paper"
+    label_variant: str = "paper"
     mask_patch: int = 64
     smoothing: float = 0.1
     options: dict = field(default_factory=dict)
@@ -123,8 +126,8 @@ class MixSection:
     def __post_init__(self) -> None:
         _check(self.method in base_methods(), "mix.method", self.method,
                f"one of {base_methods()}")
-        _check(self.preset in ("paper", "official"), "mix.preset", self.preset,
-               "'paper' or 'official'")
+        _check(self.label_variant in ("paper", "official"), "mix.label_variant",
+               self.label_variant, "'paper' or 'official'")
         _check(self.mask_patch > 0, "mix.mask_patch", self.mask_patch, "a positive int")
         _check(0.0 <= self.smoothing < 1.0, "mix.smoothing", self.smoothing, "in [0, 1)")
         bad = {"image_size", "patch_size", "mask_patch", "seed"} & set(self.options)
@@ -212,9 +215,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         try:  # 'official': the method's official variant in the registry
-            resolve_method(self.mix.method, self.mix.preset)
-        except ValueError as e:
-            raise ValueError(f"mix.{str(e).replace('method=', 'mix.method=')}") from None
+            resolve_method(self.mix.method, self.mix.label_variant)
+        except ValueError as e:  # the registry names its argument preset=
+            msg = str(e).replace("method=", "mix.method=").replace("preset", "label_variant")
+            raise ValueError(f"mix.{msg}") from None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
@@ -226,6 +230,40 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of builtins (YAML / torch.load(weights_only=True) friendly)."""
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+
+
+# --- renamed keys ------------------------------------------------------------------------------
+# section -> {old key: new key}. The old key is still read from YAML, CLI overrides and the
+# config stored in older checkpoints (resume), with a DeprecatedConfigKey warning.
+# mix.preset -> mix.label_variant: "preset" also names MixConfig.preset(...) and the registry's
+# presets; this key only picks the label/partner variant.
+RENAMED_KEYS: dict[str, dict[str, str]] = {"mix": {"preset": "label_variant"}}
+
+
+class DeprecatedConfigKey(DeprecationWarning):
+    """A config key given by its old name (RENAMED_KEYS)."""
+
+
+warnings.filterwarnings("default", category=DeprecatedConfigKey)  # shown to CLI users too
+
+
+def _renamed(section: str, d: Mapping[str, Any]) -> dict[str, Any]:
+    """d with old key names replaced by the new ones (warns); an old and a new name with
+    different values is a ValueError naming both."""
+    renames = RENAMED_KEYS.get(section, {})
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        new = renames.get(k, k)
+        if new != k:
+            warnings.warn(f"{section}.{k} is deprecated: use {section}.{new} (same values)",
+                          DeprecatedConfigKey, stacklevel=2)
+        if new in out and out[new] != v:
+            old = k if new != k else next(o for o, n in renames.items() if n == k and o in d)
+            raise ValueError(f"{section}.{old}={d[old]!r} and {section}.{new}={d[new]!r} "
+                             f"disagree: {section}.{old} is the deprecated name of "
+                             f"{section}.{new}; give {section}.{new} only")
+        out[new] = v
+    return out
 
 
 def _plain(v: Any) -> Any:
@@ -251,6 +289,7 @@ def _build(cls: type, d: Any, section: str) -> Any:
     if not isinstance(d, Mapping):
         raise TypeError(f"config section {section!r} must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
+    d = _renamed(section, d)
     _reject_unknown(d, hints, f"key in section {section!r}")
     return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in d.items()})
 
@@ -357,14 +396,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(d: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Set 'section.key[.sub]' = value in a nested dict (copy). Keys are checked later by
-    TrainConfig.from_dict, except that a misspelled section or key fails here with the list."""
+    TrainConfig.from_dict, except that a misspelled section or key fails here with the list.
+    An old key name (RENAMED_KEYS) is set under its new name, replacing either name in d."""
     out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
-    for dotted, value in overrides.items():
+    for dotted, value in _renamed_overrides(overrides).items():
         parts = dotted.split(".")
-        if len(parts) < 2:
-            raise ValueError(f"override --{dotted}: use --section.key, sections: "
-                             f"{', '.join(SECTIONS)}")
-        _reject_unknown({parts[0]: 0}, SECTIONS, "config section")
         hints = typing.get_type_hints(SECTIONS[parts[0]])
         _reject_unknown({parts[1]: 0}, hints, f"key in section {parts[0]!r}")
         if out.get(parts[0]) is None:
@@ -372,6 +408,9 @@ def apply_overrides(d: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str
         node = out[parts[0]]
         if not isinstance(node, dict):
             raise TypeError(f"config section {parts[0]!r} must be a mapping, got {node!r}")
+        for old, new in RENAMED_KEYS.get(parts[0], {}).items():
+            if new == parts[1]:  # the override replaces the old name in the YAML/checkpoint
+                node.pop(old, None)
         for p in parts[1:-1]:
             if p not in node or node[p] is None:
                 node[p] = {}
@@ -381,6 +420,21 @@ def apply_overrides(d: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str
             node = node[p]
         node[parts[-1]] = value
     return out
+
+
+def _renamed_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides with sections checked and old key names renamed (two names, two values:
+    ValueError)."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if len(parts) < 2:
+            raise ValueError(f"override --{dotted}: use --section.key, sections: "
+                             f"{', '.join(SECTIONS)}")
+        _reject_unknown({parts[0]: 0}, SECTIONS, "config section")
+        by_section.setdefault(parts[0], {})[".".join(parts[1:])] = value
+    return {f"{section}.{k}": v for section, keys in by_section.items()
+            for k, v in _renamed(section, keys).items()}
 
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:

@@ -333,8 +333,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  args.num_threads, in_distribution=False))
         res["ood"] = {**ood_report(s_in, s_out, y_out), "source": args.ood}
     res.update({"checkpoint": str(ck), "data": args.data, "model": cfg.model.name,
-                "method": cfg.mix.method, "preset": cfg.mix.preset, "seed": cfg.run.seed,
-                "seconds": time.perf_counter() - t0})
+                "method": cfg.mix.method, "label_variant": cfg.mix.label_variant,
+                "seed": cfg.run.seed, "seconds": time.perf_counter() - t0})
     return res
 
 

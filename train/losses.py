@@ -2,8 +2,8 @@
 
 Each method's MixConfig preset and label rule come from its row in `mixpro_dali.methods`
 (none/deit/maskmix: area labels; transmix: TransMix on CutMix rows; mixpro / mixpro-official:
-PAL on MaskMix rows, paper / official variant). The trainer's `mix.preset: official` picks the
-official variant of `mix.method` (`resolve_method`).
+PAL on MaskMix rows, paper / official variant). The trainer's `mix.label_variant: official`
+picks the official variant of `mix.method` (`resolve_method`).
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def mix_config_for(method: str, preset: str | None = None, *, image_size: int, patch_size: int,
-                   mask_patch: int, seed: int, options: Mapping[str, Any]) -> MixConfig:
+def mix_config_for(method: str, label_variant: str | None = None, *, image_size: int,
+                   patch_size: int, mask_patch: int, seed: int,
+                   options: Mapping[str, Any]) -> MixConfig:
     """The MixConfig the loader's MaskMix operator draws from, for a training method (and the
-    trainer's `mix.preset`: 'official' picks the method's official variant)."""
-    name = resolve_method(method, preset).name
+    trainer's `mix.label_variant`: 'official' picks the method's official variant)."""
+    name = resolve_method(method, label_variant).name
     return MixConfig.preset(name, image_size=image_size, patch_size=patch_size,
                             mask_patch=mask_patch, seed=seed, **dict(options))
 

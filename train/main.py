@@ -336,10 +336,11 @@ def _build(cfg: TrainConfig, dist: DistInfo) -> tuple[Engine, Any, Any]:
     train_src, val_src = resolve_data(cfg, dist)
     model, patch = build_model(cfg)
     model.to(dist.device)
-    mix_cfg = mix_config_for(cfg.mix.method, cfg.mix.preset, image_size=cfg.data.image_size,
-                             patch_size=patch, mask_patch=cfg.mix.mask_patch, seed=cfg.run.seed,
+    mix_cfg = mix_config_for(cfg.mix.method, cfg.mix.label_variant,
+                             image_size=cfg.data.image_size, patch_size=patch,
+                             mask_patch=cfg.mix.mask_patch, seed=cfg.run.seed,
                              options=cfg.mix.options)
-    loss_fn = MixLoss(model, method=cfg.mix.method, preset=cfg.mix.preset,  # hooks before
+    loss_fn = MixLoss(model, method=cfg.mix.method, preset=cfg.mix.label_variant,  # hooks before
                       num_classes=cfg.model.num_classes, smoothing=cfg.mix.smoothing,  # compile
                       mix_config=mix_cfg)
     train_model: nn.Module = model
@@ -394,7 +395,7 @@ def _run(cfg: TrainConfig, dist: DistInfo, *, resume, output, name) -> dict[str,
     logger.info("%s: %.2fM params, %s x %s, global batch %s, lr %.2e, %s batches/epoch, "
                 "mix %s/%s, out %s", cfg.model.name, n_params / 1e6, dist.world_size,
                 dist.device.type, cfg.data.batch_size * dist.world_size * cfg.optim.accum_steps,
-                _peak_lr(eng), n_batches, cfg.mix.method, cfg.mix.preset, out)
+                _peak_lr(eng), n_batches, cfg.mix.method, cfg.mix.label_variant, out)
     if ck_path is not None:
         logger.info("resumed from %s: epoch %s, batch %s, step %s", ck_path, st.epoch + 1,
                     st.batch, st.step)
@@ -499,7 +500,7 @@ def _last_metrics(h: dict[str, Any]) -> dict[str, Any]:
 def _final_table(cfg: TrainConfig, result: dict[str, Any], out: Path) -> str:
     nan = float("nan")
     return format_table([
-        ("model", cfg.model.name), ("method", f"{cfg.mix.method} ({cfg.mix.preset})"),
+        ("model", cfg.model.name), ("method", f"{cfg.mix.method} ({cfg.mix.label_variant})"),
         ("epochs", str(cfg.run.epochs)),
         ("final top-1 / top-5", f"{result.get('top1', nan):.2f} / {result.get('top5', nan):.2f}"),
         ("best top-1", f"{result['best_top1']:.2f} (epoch {result['best_epoch']})"),

@@ -37,7 +37,7 @@ def trainer_batch(argv: list[str], index: int) -> dict[str, torch.Tensor]:
     cfg, _, _ = resolve(argv)
     dist = init_distributed(cfg.run.device)
     _, patch = build_model(cfg)
-    mix = mix_config_for(cfg.mix.method, cfg.mix.preset, image_size=32, patch_size=patch,
+    mix = mix_config_for(cfg.mix.method, cfg.mix.label_variant, image_size=32, patch_size=patch,
                          mask_patch=16, seed=3, options=cfg.mix.options)
     train, val = build_loaders(cfg, dist, mix, cfg.data.train, cfg.data.val)
     val.close()

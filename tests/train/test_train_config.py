@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from train.__main__ import main, parse_overrides, resolve
-from train.config import CONFIG_DIR, TrainConfig, apply_overrides, load_yaml
+from train.config import CONFIG_DIR, DeprecatedConfigKey, TrainConfig, apply_overrides, load_yaml
 
 DATA = ["--data.train", "/nonexistent/train", "--data.val", "/nonexistent/val"]
 
@@ -54,7 +54,9 @@ def test_overrides_are_typed():
     (["--run.ema", "1"], r"run.ema must be true or false"),
     (["--run.epochs", "0"], r"run.epochs must be an int >= 1, got 0"),
     (["--mix.method", "cutout"], r"mix.method must be one of \('none', 'deit'"),
-    (["--mix.method", "deit", "--mix.preset", "official"], r"preset='official' applies to"),
+    (["--mix.method", "deit", "--mix.label_variant", "official"],
+     r"mix.label_variant='official' applies to mix.method='mixpro' only"),
+    (["--mix.label_variant", "best"], r"mix.label_variant must be 'paper' or 'official'"),
     (["--data.scale", "[0.5]"], r"data.scale must be a list of 2 values"),
     (["--lr", "1"], r"overrides look like --section.key value"),
     (["--optim.lr", "1", "--optim.lr", "2"], r"given twice"),
@@ -119,3 +121,62 @@ def test_resume_takes_the_checkpoint_config_and_folder(tmp_path):
     again, args, name = resolve(["--resume", str(tmp_path), "--run.epochs", "5"])
     assert args.output == str(tmp_path) and name == "resumed"
     assert again.run.epochs == 5 and again.model == cfg.model and again.data == cfg.data
+
+
+# mix.preset -> mix.label_variant: the old key is a deprecated alias in YAML, CLI and checkpoints
+def test_mix_preset_is_a_deprecated_alias_of_label_variant(tmp_path):
+    new, _, _ = resolve(["--mix.label_variant", "official"])
+    assert new.mix.label_variant == "official" and "preset" not in new.to_dict()["mix"]
+    with pytest.warns(DeprecatedConfigKey, match=r"mix.preset is deprecated: use mix.label_vari"):
+        old, _, _ = resolve(["--mix.preset", "official"])
+    assert old == new
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {demo: true}\nmix: {method: mixpro, preset: official}\n")
+    with pytest.warns(DeprecatedConfigKey, match=r"mix.preset is deprecated"):
+        from_yaml, _, _ = resolve(["--config", str(p)])
+    p.with_name("n.yaml").write_text("data: {demo: true}\nmix: {method: mixpro, "
+                                     "label_variant: official}\n")
+    assert from_yaml == resolve(["--config", str(p.with_name("n.yaml"))])[0]
+    assert from_yaml.mix.label_variant == "official"
+    # the CLI's new key replaces the YAML's old one (no conflict, no warning), and the CLI's old
+    # key the YAML's new one (the demo config has label_variant: paper)
+    assert resolve(["--config", str(p), "--mix.label_variant", "paper"])[0].mix.label_variant \
+        == "paper"
+    with pytest.warns(DeprecatedConfigKey):
+        assert resolve(["--mix.preset", "official"])[0].mix.label_variant == "official"
+    with pytest.warns(DeprecatedConfigKey):  # both names, one value: fine
+        same, _, _ = resolve(["--mix.preset", "official", "--mix.label_variant", "official"])
+    assert same == new
+
+
+@pytest.mark.parametrize("where", ["cli", "yaml"])
+def test_mix_preset_and_label_variant_disagreeing_is_an_error(tmp_path, where):
+    argv = ["--mix.preset", "official", "--mix.label_variant", "paper"]
+    if where == "yaml":
+        p = tmp_path / "c.yaml"
+        p.write_text("data: {demo: true}\nmix: {preset: official, label_variant: paper}\n")
+        argv = ["--config", str(p)]
+    with pytest.warns(DeprecatedConfigKey), pytest.raises(
+            ValueError, match=r"mix.preset='official' and mix.label_variant='paper' disagree: "
+                              r"mix.preset is the deprecated name of mix.label_variant"):
+        resolve(argv)
+
+
+def test_resume_from_a_checkpoint_written_with_mix_preset(tmp_path):
+    """Checkpoints store the resolved config as a dict: one written before the rename has
+    mix.preset, and resuming from it must give the same run."""
+    import torch
+    from train.checkpoint import FORMAT_VERSION, seal
+    cfg, _, _ = resolve(["--mix.label_variant", "official"])
+    old = cfg.to_dict()
+    old["mix"] = {("preset" if k == "label_variant" else k): v for k, v in old["mix"].items()}
+    stub = {"version": FORMAT_VERSION, "model": {}, "optimizer": {}, "scheduler": {},
+            "state": {}, "ranks": [{"rng": {}, "loader": {}, "running": {}}], "config": old}
+    torch.save(seal(stub), tmp_path / "last.pth")
+    with pytest.warns(DeprecatedConfigKey, match=r"mix.preset is deprecated"):
+        again, _, name = resolve(["--resume", str(tmp_path)])
+    assert name == "resumed" and again == cfg
+    # a new-key override replaces the old key of the checkpoint: no conflict, no warning
+    paper, _, _ = resolve(["--resume", str(tmp_path), "--mix.label_variant", "paper"])
+    assert paper.mix.label_variant == "paper"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # new checkpoints: no warning needed

@@ -54,7 +54,7 @@ def record_losses(monkeypatch) -> list[float]:
     ("mixpro", "official", {}),
 ])
 def test_two_steps_each_method(tree, tmp_path, method, preset, extra):
-    d = tiny_config(tree, tmp_path / "run", method, mix={"preset": preset},
+    d = tiny_config(tree, tmp_path / "run", method, mix={"label_variant": preset},
                     data={"batch_size": 12, **extra})  # 24 images: 2 steps
     res = run(TrainConfig.from_dict(d))
     assert res["history"][0]["count"] == 15  # every validation image once
