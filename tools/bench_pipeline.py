@@ -24,6 +24,7 @@ Without --data, ImageNet-like JPEGs (tools.imagenet_like) are written to a temp 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -32,6 +33,7 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from unittest import mock
 
 from .bench_report import (MemorySampler, cpu_seconds, machine_info, markdown_table,
                            median_ratios, settle, write_outputs)
@@ -97,35 +99,42 @@ class Runner:
                 "op_cpu_share": (self.op_cpu_seconds - opc0) / max(cpu, 1e-9)}
 
 
-def _timed_operator(op: Any) -> Any:
-    """Make the MaskMix operator add its host time per call to `op.seconds` (wall) and
-    `op.cpu_seconds` (its thread's CPU time: robust to other processes on a shared machine).
-    A class swap: DALI holds this very object, so the loader's pipeline is unchanged."""
-    base = type(op)
+def _timed_operator_class() -> type:
+    """A MaskMixOperator subclass that adds its host time per call (the mix, `__call__`, and
+    the draw, DALI's external source) to `seconds` (wall) and `cpu_seconds` (its thread's CPU
+    time: robust to other processes on a shared machine). Overrides only the two public entry
+    points DALI calls, through super(): the operator's work is unchanged."""
+    from mixpro_dali.operator import MaskMixOperator
 
-    class Timed(base):  # type: ignore[misc, valid-type]
-        def __call__(self, *args):
+    class TimedMaskMixOperator(MaskMixOperator):
+        seconds = cpu_seconds = 0.0
+
+        def _timed(self, call: Callable, *args: Any) -> Any:
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
-                return base.__call__(self, *args)
+                return call(*args)
             finally:
                 self.seconds += time.perf_counter() - t0
                 self.cpu_seconds += time.thread_time() - c0
 
-    if hasattr(base, "draw"):      # the operator's host-side draw (DALI's external source)
+        def __call__(self, images):
+            return self._timed(super().__call__, images)
+
         def draw(self, *args):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return base.draw(self, *args)
-            finally:
-                self.seconds += time.perf_counter() - t0
-                self.cpu_seconds += time.thread_time() - c0
+            return self._timed(super().draw, *args)
 
-        Timed.draw = draw
+    return TimedMaskMixOperator
 
-    op.seconds = op.cpu_seconds = 0.0
-    op.__class__ = Timed
-    return op
+
+@contextlib.contextmanager
+def _timed_operators() -> Iterator[type]:
+    """While open, `mixpro_dali.mix` (which builds its operator from the operator module's
+    `MaskMixOperator`) builds the timed subclass: the pipeline holds it from construction on."""
+    from mixpro_dali import operator as operator_module
+
+    timed = _timed_operator_class()
+    with mock.patch.object(operator_module, "MaskMixOperator", timed):
+        yield timed
 
 
 def _sync(device: str) -> Callable[[], None]:
@@ -142,16 +151,21 @@ def bench_dali(data: Path, *, preset: str, batch: int, threads: int, size: int, 
 
     mix = MixConfig.preset(preset, image_size=size, patch_size=16, mask_patch=mask_patch, seed=0)
     options = DataOptions(image_size=size, **RECIPES[recipe])
-    loader = TrainLoader(data, batch_size=batch, options=options, device=device,
-                         num_threads=threads, mix=mix)
+    with _timed_operators() as timed:
+        loader = TrainLoader(data, batch_size=batch, options=options, device=device,
+                             num_threads=threads, mix=mix)
+    op = loader.mix_operator
+    if op is not None and not isinstance(op, timed):  # mix() no longer uses the module's name
+        raise RuntimeError(f"bench_pipeline: the loader's MaskMix operator is a "
+                           f"{type(op).__name__}, not the timed subclass; update "
+                           "_timed_operators to how mixpro_dali.mix builds its operator")
 
     def gen():
         while True:
             for b in loader:
                 yield len(b["image"])
 
-    return Runner(gen(), lambda: [os.getpid()], _sync(device), _timed_operator(loader.mix_operator),
-                  loader.close)
+    return Runner(gen(), lambda: [os.getpid()], _sync(device), op, loader.close)
 
 
 class _RetryPosterize:
