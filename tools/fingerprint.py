@@ -23,10 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipelines.options import DEFAULT_AUTO_AUGMENT
+
 DEMO = ["--data.demo_train_size", "3200", "--data.demo_val_size", "500", "--run.epochs", "1",
         "--run.seed", "0", "--run.tensorboard", "false", "--run.progress", "lines", "--run.log_every", "1000",
         "--optim.warmup_epochs", "0"]
-HEAVY_AUG = ["--data.auto_augment", "rand-m9-mstd0.5-inc1", "--data.re_prob", "0.25",
+HEAVY_AUG = ["--data.auto_augment", DEFAULT_AUTO_AUGMENT, "--data.re_prob", "0.25",  # the recipe
              "--data.scale", "[0.08, 1.0]", "--data.ratio", "[0.75, 1.3333333333333333]"]
 CASES: dict[str, list[str]] = {
     "mixpro": [],

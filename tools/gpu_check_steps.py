@@ -310,7 +310,7 @@ def check_loader(device: str, data: Path, size: int, batch: int) -> dict[str, An
 
     def batches(dev: str, n: int = 4) -> list[dict]:
         mix = MixConfig.preset("mixpro", image_size=size, mask_patch=min(64, size), seed=0)
-        with TrainLoader(data, batch_size=batch, image_size=size, device=dev, mix=mix,
+        with TrainLoader(data, batch_size=batch, options=_options(size), device=dev, mix=mix,
                          num_threads=2, seed=0) as loader:
             it = iter(loader)
             first = next(it)
@@ -375,7 +375,16 @@ def _take(loader, n: int) -> list[dict]:
     return out
 
 
-def _train_loader(device: str, data: Path, size: int, batch: int, **kw):
+def _options(size: int, **changes: Any):
+    """The loader options of a check: DataOptions' defaults (the training recipe) at `size`,
+    with `changes` (gpu_check --quick: auto_augment=None, re_prob=0.0), declared and validated
+    there."""
+    from pipelines.options import DataOptions
+
+    return DataOptions(image_size=size).replace(**changes)
+
+
+def _train_loader(device: str, data: Path, size: int, batch: int, **option_changes):
     import os
 
     from mixpro_dali import MixConfig
@@ -383,22 +392,23 @@ def _train_loader(device: str, data: Path, size: int, batch: int, **kw):
     from pipelines.loader import TrainLoader, image_dtype
 
     mix = MixConfig.preset("mixpro", image_size=size, mask_patch=min(64, size), seed=0)
-    return TrainLoader(data, batch_size=batch, image_size=size, device=device, mix=mix,
-                       num_threads=max(2, min(os.cpu_count() or 2, 12)), seed=0,
-                       dtype=image_dtype("bf16", device), **kw)
+    return TrainLoader(data, batch_size=batch, options=_options(size, **option_changes),
+                       device=device, mix=mix, num_threads=max(2, min(os.cpu_count() or 2, 12)),
+                       seed=0, dtype=image_dtype("bf16", device))
 
 
 def check_loader_sync(device: str, data: Path, size: int, batch: int, batches: int = 20,
-                      warmup: int = 3, **loader_kw) -> dict[str, Any]:
+                      warmup: int = 3, **option_changes) -> dict[str, Any]:
     """`batches` TrainLoader batches (after `warmup`) under torch.cuda.set_sync_debug_mode
     ("warn"): the host syncs torch reports (any thread, DALI's python operators included) and
-    the MaskMix operator's host time per call. Off the GPU: no sync mode, times only."""
+    the MaskMix operator's host time per call. Off the GPU: no sync mode, times only.
+    `option_changes`: DataOptions fields changed from the recipe (`_options`)."""
     import warnings
 
     import torch
 
     calls: list[float] = []
-    with _train_loader(device, data, size, batch, **loader_kw) as loader:
+    with _train_loader(device, data, size, batch, **option_changes) as loader:
         op = getattr(loader, "mix_operator", None)
         cls = type(op) if op is not None else None
         orig = cls.__call__ if cls is not None else None
@@ -442,7 +452,7 @@ def check_loader_sync(device: str, data: Path, size: int, batch: int, batches: i
 
 
 def check_checkpoint(device: str, data: Path, size: int, batch: int, work: Path,
-                     **loader_kw) -> dict[str, Any]:
+                     **option_changes) -> dict[str, Any]:
     """A training round trip on `device`: 2 steps, save loader + model + optimizer, 2 more steps;
     then a fresh loader, model and optimizer from the file: the same 2 batches and losses
     (equal within 1e-3: GPU kernels may reduce in another order), all finite."""
@@ -469,7 +479,7 @@ def check_checkpoint(device: str, data: Path, size: int, batch: int, work: Path,
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     model, opt = fresh()
-    with _train_loader(device, data, size, batch, **loader_kw) as loader:
+    with _train_loader(device, data, size, batch, **option_changes) as loader:
         before = [step(model, opt, b) for b in _take(loader, 2)]
         path = work / "gpu_check_ckpt.pth"
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
@@ -480,7 +490,7 @@ def check_checkpoint(device: str, data: Path, size: int, batch: int, work: Path,
     model, opt = fresh()
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
-    with _train_loader(device, data, size, batch, **loader_kw) as loader:
+    with _train_loader(device, data, size, batch, **option_changes) as loader:
         loader.load_state_dict(ckpt["loader"])
         again = _take(loader, 2)
         losses = [step(model, opt, b) for b in again]
