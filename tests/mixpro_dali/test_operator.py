@@ -281,3 +281,39 @@ def test_mix_argument_errors():
         mix(np.zeros((2, 16, 16, 3)), None, cfg)
     with pytest.raises(ValueError, match=r"batch index must be a non-negative int"):
         build(cfg, start=-3)
+
+
+def test_draw_and_mix_run_unconverted_in_a_conditional_pipeline():
+    """With enable_conditionals=True DALI's AutoGraph rewrites what the pipeline definition
+    defines and calls; the operator's draw callback must run as plain Python (it once ran
+    through `converted_call`, 20x slower). Checked from the stack, through `add_hook`."""
+    import contextlib
+    import inspect
+
+    cfg = MixConfig(image_size=16, patch_size=4, mask_patch=8, probs={"maskmix": 1.0})
+    held, converted = {}, {}
+
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=1, enable_conditionals=True)
+    def pipe():
+        imgs, labels = fn.external_source(source_images(cfg.image_size, "HWC", np.uint8),
+                                          num_outputs=2, batch=True, batch_info=True,
+                                          layout=["HWC", ""])
+        out = mix(imgs, labels, cfg)
+        held["op"] = out.operator
+        return out.images, out.lam
+
+    @contextlib.contextmanager
+    def spy(name):
+        converted[name] = converted.get(name, False) or any(
+            "_autograph" in f.filename for f in inspect.stack(0))
+        yield
+
+    p = pipe()
+    _BUILT.append(p)
+    p.build()
+    remove = held["op"].add_hook(spy)
+    for _ in range(2):
+        p.run()
+    assert converted == {"draw": False, "mix": False}
+    remove()
+    assert held["op"]._hooks == []
