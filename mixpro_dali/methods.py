@@ -148,13 +148,13 @@ def resolve_method(method: str, variant: str | None = None) -> Method:
     if variant is None or variant == row.label_variant:
         return row
     if variant not in LABEL_VARIANTS:
-        raise ValueError(f"preset must be one of {LABEL_VARIANTS}, got {variant!r}")
+        raise ValueError(f"label_variant must be one of {LABEL_VARIANTS}, got {variant!r}")
     for m in METHODS.values():
         if m.variant_of == method and m.label_variant == variant:
             return m
     has = sorted({m.variant_of for m in METHODS.values()
                   if m.variant_of is not None and m.label_variant == variant})
-    raise ValueError(f"preset={variant!r} applies to method="
+    raise ValueError(f"label_variant={variant!r} applies to method="
                      f"{' | '.join(repr(h) for h in has)} only, got method={method!r}")
 
 

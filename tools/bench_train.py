@@ -64,7 +64,7 @@ class Config:
         self.model = model.to(device).train()
         mix_cfg = mix_config_for(method, "paper", image_size=size, patch_size=patch,
                                  mask_patch=cfg.mix.mask_patch, seed=0, options={})
-        self.loss_fn = MixLoss(model, method=method, preset="paper", num_classes=10, smoothing=0.1)
+        self.loss_fn = MixLoss(model, method=method, label_variant="paper", num_classes=10, smoothing=0.1)
         self.loader, val = build_loaders(cfg, dist, mix_cfg, data, data)
         val.close()
         opt = build_optimizer(model, opt="adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999),

@@ -43,7 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, _ = build_model(cfg)
     model.to(dev).train()
-    loss_fn = MixLoss(model, method="mixpro", preset="paper", num_classes=10, smoothing=0.1)
+    loss_fn = MixLoss(model, method="mixpro", label_variant="paper", num_classes=10, smoothing=0.1)
     opt = build_optimizer(model, opt="adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999),
                           eps=1e-8)
     sch = build_scheduler(opt, sched="cosine", epochs=1, updates_per_epoch=10_000,

@@ -63,7 +63,7 @@ STUDY_RECIPE: dict[str, Any] = {
     "model": {"name": "vit_tiny_patch16_224", "num_classes": 8, "drop_path": 0.0,
               "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4,
                          "num_heads": 3}},
-    "mix": {"method": "mixpro", "preset": "paper", "mask_patch": 8, "smoothing": 0.1},
+    "mix": {"method": "mixpro", "label_variant": "paper", "mask_patch": 8, "smoothing": 0.1},
     "optim": {"lr": 2.0e-3, "lr_base_batch": None, "weight_decay": 0.05, "warmup_epochs": 0.5,
               "warmup_lr": 1.0e-5, "min_lr": 1.0e-5},
     "run": {"epochs": 5, "amp": "bf16", "log_every": 50, "ckpt_steps": 20,

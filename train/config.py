@@ -216,8 +216,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         try:  # 'official': the method's official variant in the registry
             resolve_method(self.mix.method, self.mix.label_variant)
-        except ValueError as e:  # the registry names its argument preset=
-            msg = str(e).replace("method=", "mix.method=").replace("preset", "label_variant")
+        except ValueError as e:  # the registry's message, with train's key names
+            msg = str(e).replace("method=", "mix.method=")
             raise ValueError(f"mix.{msg}") from None
 
     @classmethod

@@ -42,10 +42,10 @@ class MixLoss:
     `mix_config`, its geometry is checked against the attention grid up front (CA-Swin /
     CA-PVT: MaskMix cells must be multiples of the final-stage stride)."""
 
-    def __init__(self, model: nn.Module, *, method: str, preset: str | None = None,
+    def __init__(self, model: nn.Module, *, method: str, label_variant: str | None = None,
                  num_classes: int, smoothing: float,
                  mix_config: MixConfig | None = None) -> None:
-        row = resolve_method(method, preset)
+        row = resolve_method(method, label_variant)
         self.method = row.name
         self.label_method = row.label
         self.label_variant = row.label_variant

@@ -340,8 +340,9 @@ def _build(cfg: TrainConfig, dist: DistInfo) -> tuple[Engine, Any, Any]:
                              image_size=cfg.data.image_size, patch_size=patch,
                              mask_patch=cfg.mix.mask_patch, seed=cfg.run.seed,
                              options=cfg.mix.options)
-    loss_fn = MixLoss(model, method=cfg.mix.method, preset=cfg.mix.label_variant,  # hooks before
-                      num_classes=cfg.model.num_classes, smoothing=cfg.mix.smoothing,  # compile
+    # (the attention hooks go on before compile)
+    loss_fn = MixLoss(model, method=cfg.mix.method, label_variant=cfg.mix.label_variant,
+                      num_classes=cfg.model.num_classes, smoothing=cfg.mix.smoothing,
                       mix_config=mix_cfg)
     train_model: nn.Module = model
     if dist.distributed:

@@ -44,7 +44,7 @@ def test_resolve_method_and_errors():
     assert resolve_method("mixpro", "official").name == "mixpro-official"
     assert resolve_method("mixpro", "paper").name == "mixpro"
     assert resolve_method("deit").name == "deit"
-    with pytest.raises(ValueError, match=r"preset='official' applies to method='mixpro' only, "
+    with pytest.raises(ValueError, match=r"label_variant='official' applies to method='mixpro' only, "
                                          r"got method='deit'"):
         resolve_method("deit", "official")
     with pytest.raises(ValueError, match=r"unknown method 'pal'; valid methods: none, deit"):

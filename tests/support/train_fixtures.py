@@ -68,6 +68,6 @@ def engine(model, *, accum=1, clip=None, scaler=None, lr=1e-1, epochs=1, upe=10,
     sch = build_scheduler(opt, sched="cosine", epochs=epochs, updates_per_epoch=upe,
                           warmup_epochs=warmup, warmup_lr=1e-6, min_lr=1e-5)
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    loss = MixLoss(model, method="deit", preset="paper", num_classes=5, smoothing=0.1)
+    loss = MixLoss(model, method="deit", label_variant="paper", num_classes=5, smoothing=0.1)
     return Engine(model, model, opt, sch, scaler, loss, dist=CPU, accum_steps=accum,
                   clip_grad=clip)

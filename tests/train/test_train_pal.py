@@ -47,7 +47,7 @@ def test_monitor_matches_a_host_reference():
     data = mixed_batches(modes)
     model = tiny_vit()
     eng = engine(model)
-    eng.loss_fn = MixLoss(model, method="mixpro", preset="paper", num_classes=5, smoothing=0.1)
+    eng.loss_fn = MixLoss(model, method="mixpro", label_variant="paper", num_classes=5, smoothing=0.1)
     eng.monitor = PalMonitor(torch.device("cpu"), pal=True, bins=10)
     seen = []  # (alpha, lam, lam_area, lam_attn) of every sample, as the loss saw them
     original = eng.loss_fn.__class__.__call__
@@ -106,7 +106,7 @@ def test_monitor_state_round_trip_and_empty_epoch():
 def test_monitor_update_does_not_sync_on_cuda():
     dev = torch.device("cuda")
     model = tiny_vit().to(dev)
-    loss_fn = MixLoss(model, method="mixpro", preset="paper", num_classes=5, smoothing=0.1)
+    loss_fn = MixLoss(model, method="mixpro", label_variant="paper", num_classes=5, smoothing=0.1)
     mon = PalMonitor(dev, pal=True)
     batch = {k: v.to(dev) for k, v in mixed_batches(["maskmix"])[0].items()}
     loss, t = loss_fn(model(batch["image"]), batch)
