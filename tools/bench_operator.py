@@ -216,6 +216,13 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def _median_ratio(pairs) -> float | None:
+    """Median of the rounds' current / baseline ratios; None when the baseline is always 0 (a
+    config that never mixes runs no operator in either tree)."""
+    ratios = [r for r in (_ratio(a, b) for a, b in pairs) if r is not None]
+    return statistics.median(ratios) if ratios else None
+
+
 def measure(trees: dict[str, Path], a: argparse.Namespace, log=print) -> dict[str, Any]:
     specs = [{"kind": "small", "batches": a.time_batches}]
     if not a.skip_share:
@@ -258,14 +265,14 @@ def summarize(payload: dict[str, Any], names: list[str]) -> dict[str, Any]:
         ratios = {}
         for m in SCENARIOS:
             for key in ("ms_wall", "ms_cpu"):
-                ratios[f"{key}/{m}"] = statistics.median(
-                    _ratio(r[cur][f"time/{m}"]["256"][key], r[base][f"time/{m}"]["256"][key])
+                ratios[f"{key}/{m}"] = _median_ratio(
+                    (r[cur][f"time/{m}"]["256"][key], r[base][f"time/{m}"]["256"][key])
                     for r in rounds)
         for p in ("maskmix", "mixpro"):
             if f"share/{p}" in rounds[0][cur]:
-                ratios[f"cpu_ms_per_img/{p}"] = statistics.median(
-                    _ratio(r[cur][f"share/{p}"]["cpu_ms_per_img"],
-                           r[base][f"share/{p}"]["cpu_ms_per_img"]) for r in rounds)
+                ratios[f"cpu_ms_per_img/{p}"] = _median_ratio(
+                    (r[cur][f"share/{p}"]["cpu_ms_per_img"],
+                     r[base][f"share/{p}"]["cpu_ms_per_img"]) for r in rounds)
         s["ratios_current_over_baseline"] = ratios
     return s
 

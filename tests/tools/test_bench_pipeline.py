@@ -98,3 +98,26 @@ def test_operator_bench_worker_runs_as_a_script_outside_the_package(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["small/maskmix"]["16"]["ops"] == res["small/maskmix"]["64"]["ops"] > 0, res
+
+
+def test_operator_bench_instruments_through_the_public_hook():
+    """bench_operator times and counts the operator through `add_hook` (the operator keeps its
+    class), names its cases SCENARIOS (not the library's MODES), and a ratio whose baseline is
+    always 0 (no operator in either tree) is None rather than a crash."""
+    from mixpro_dali import MaskMixOperator
+    from pipelines.compat import shutdown_pipeline
+    from tools import bench_operator as bo
+
+    assert not hasattr(bo, "MODES") and "never" in bo.SCENARIOS
+    p, op = bo._small_pipeline("maskmix", 16)
+    counts, times = {"mix": [], "draw": []}, {"mix": [], "draw": []}
+    try:
+        bo._instrument(op, counts, times)
+        for _ in range(3):
+            p.run()
+    finally:
+        shutdown_pipeline(p)
+    assert type(op) is MaskMixOperator and len(op._hooks) == 1
+    assert len(times["mix"]) >= 3 and len(counts["draw"]) >= 3 and max(counts["mix"]) > 0
+    assert bo._median_ratio([(0.0, 0.0), (0.0, 0.0)]) is None
+    assert bo._median_ratio([(1.0, 2.0), (3.0, 0.0), (3.0, 2.0)]) == 1.0
