@@ -15,6 +15,7 @@ batch counter to the consumed count (its own counter runs ahead with DALI's pref
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -191,6 +192,8 @@ class _DaliLoader:
             shutdown_pipeline(pipe)
 
     def __del__(self) -> None:
+        if sys.is_finalizing():   # a loader still alive at exit: imports no longer work, and
+            return                # the interpreter's teardown stops DALI's threads anyway
         self.close()
 
     def __enter__(self):

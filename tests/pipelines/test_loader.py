@@ -175,6 +175,34 @@ def test_close_stops_the_pipeline(indexed):
         next(iter(loader))
 
 
+def test_a_loader_left_open_at_exit_exits_quietly(indexed, tmp_path):
+    """A script that never closes its loaders must exit without 'Exception ignored in ...
+    __del__': a loader kept alive by a reference cycle is finalized after imports stop working
+    (it printed an ImportError traceback from the pipeline shutdown)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "open_at_exit.py"
+    script.write_text(textwrap.dedent(f"""
+        from pipelines.loader import TrainLoader, ValLoader
+        train = TrainLoader({str(indexed.list)!r}, batch_size=4, auto_augment=None, re_prob=0.0,
+                            device="cpu", image_size=32)
+        val = ValLoader({str(indexed.list)!r}, batch_size=4, device="cpu", image_size=32)
+        next(iter(train)), next(iter(val))
+        cycle = {{"loaders": (train, val)}}
+        cycle["self"] = cycle      # reachable only through a cycle: collected at the very end
+        del train, val
+        print("ran")
+    """))
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ran", out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_image_dtype_follows_amp_on_the_gpu_only():
     assert [image_dtype(a, "cuda") for a in ("bf16", "fp16", "none")] == [
         "bfloat16", "float16", "float32"]
