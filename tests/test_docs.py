@@ -38,7 +38,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REF_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)", re.MULTILINE)
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
-REPO_PATH = re.compile(r"(?<![\w./-])((?:mixpro_dali|pipelines|train|tests|docs|results|docker)/"
+REPO_PATH = re.compile(r"(?<![\w./-])((?:mixpro_dali|pipelines|train|tools|tests|docs|results|docker)/"
                        r"[\w/.-]*\w\.(?:py|md|yaml|sh|json|png|txt))\b")
 HAND_WRITTEN_MD = ("README.md", "docs/*.md", "train/README.md", "docker/README.md",
                    "results/bench/README.md")
